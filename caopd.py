@@ -1,0 +1,405 @@
+"""
+Calibration-Aware On-Policy Distillation (CaOPD), in one file.
+
+On-policy self-distillation (OPD) trains a student on its own samples toward a teacher
+that is the same network (an EMA copy) shown privileged context: a worked demonstration or
+a verified correct solution. The student learns the answers, and also the teacher's
+certainty: its stated `Confidence:` goes to 1.0 whether it is right or not. CaOPD changes
+one thing, the confidence target:
+
+  1. For each prompt, sample K completions from the student.            -> sample()
+  2. Verify each one; P_acc = (number correct) / K.                      -> verify(), empirical_confidence()
+  3. Put P_acc where the confidence goes, in three places:               -> with_empirical_confidence()
+       a. the student completion's `Confidence:` line,
+       b. the confidence of the teacher's demonstrated solution,
+       c. a Note line in the teacher prompt asking for exactly that value.
+  4. Distill as before: per completion token, the full-vocabulary
+     reverse KL(student || teacher), gradient through the student only.  -> teacher_prompt(), fused_linear_kl()
+
+Without step 3 this file is plain OPD. The file reads top to bottom in that order:
+tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence ->
+teacher context -> loss -> metrics. train_small.py is the script that runs it.
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# The toy tokenizer is a real tiktoken.Encoding, built here from a word list instead of being
+# downloaded. Text is cut into pieces by PIECES (a confidence value like " 0.7", a single digit,
+# a word, a punctuation mark, a whitespace character); tiktoken looks a whole piece up first, so
+# every piece we list is one token, and anything else still encodes, byte by byte.
+# Why confidence values are single tokens: spelled as digits ("0", ".", "7"), reverse KL at this
+# scale collapses the stated confidence onto the shared leading "0" (see FEASIBILITY.md).
+PIECES = r" ?\d\.\d| ?\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]|\s"
+END = "<|endoftext|>"  # ends every completion (tiktoken calls it eot_token)
+
+def toy_tokenizer(text):
+    """A tiktoken.Encoding whose vocabulary is the 256 bytes, every piece of `text` and of this
+    file's teacher templates, digits, and the confidence values 0.0 ... 1.0; then END."""
+    words = set(re.findall(PIECES, text + " ".join(TEMPLATES.values()) + NOTE))
+    words |= {f"{s}{i}" for s in ("", " ") for i in range(10)}
+    words |= {f"{s}{i / 10:.1f}" for s in ("", " ") for i in range(11)}
+    ranks = {bytes([i]): i for i in range(256)}
+    for w in sorted(w.encode() for w in words if len(w.encode()) > 1):
+        ranks[w] = len(ranks)
+    return tiktoken.Encoding(name="caopd-toy", pat_str=PIECES, mergeable_ranks=ranks,
+                             special_tokens={END: len(ranks)})
+
+# -----------------------------------------------------------------------------
+# Model: a small GPT (nanoGPT-like) with a KV cache for sampling
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 128  # longest prompt + completion
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False))
+
+    def forward(self, x, kv=None, pos=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:  # write this call's keys/values at pos, attend to everything so far
+            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
+            k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+        # a prompt (pos == 0) is causal; a single new token attends to the whole cache
+        assert T == 1 or pos == 0, "the cache takes a whole prompt at pos 0, then one token at a time"
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln_2(x))
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # also the output projection (tied)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # GPT-2 init, residual projections scaled down by depth
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("c_proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def lm_head(self):
+        return self.wte.weight  # (V, C)
+
+    def forward(self, idx, cache=None, pos=0):
+        """idx (B, T) token ids -> final hidden states (B, T, C). Logits are hidden @ lm_head.T;
+        the loss never forms them for all positions at once (see fused_linear_kl)."""
+        T = idx.shape[1]
+        assert pos + T <= self.cfg.block_size, f"sequence of {pos + T} tokens > block_size {self.cfg.block_size}"
+        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i], pos)
+        return self.ln_f(x)
+
+    def new_cache(self, batch, length):
+        c = self.cfg
+        shape = (batch, c.n_head, length, c.n_embd // c.n_head)
+        return [(self.wte.weight.new_empty(shape), self.wte.weight.new_empty(shape)) for _ in range(c.n_layer)]
+
+# -----------------------------------------------------------------------------
+# Rollouts: K completions per prompt, all prompts of a step in one batched call
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, use_cache=True, generator=None):
+    """prompts: list of token lists, all of one length (the toy pads its questions so they are).
+    Returns one token list per prompt: the completion, ending in end_id unless it ran out of
+    max_new_tokens. temperature 0 is greedy. use_cache=False re-runs the full forward every
+    step; it exists to test and benchmark the cache, never to train with."""
+    assert len({len(p) for p in prompts}) == 1, "sample() takes prompts of equal length"
+    device = model.wte.weight.device
+    idx = torch.tensor(prompts, device=device)  # (B, Tp)
+    B, Tp = idx.shape
+    cache = model.new_cache(B, Tp + max_new_tokens) if use_cache else None
+    h = model(idx, cache)[:, -1]  # (B, C) hidden state of the last prompt token
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits = h @ model.lm_head.T  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)[:, 0]
+        nxt = nxt.masked_fill(done, end_id)  # finished rows keep emitting END (cut off below)
+        out = torch.cat([out, nxt[:, None]], 1)
+        done |= nxt == end_id
+        if done.all() or t == max_new_tokens - 1:
+            break
+        if use_cache:
+            h = model(nxt[:, None], cache, Tp + t)[:, -1]
+        else:
+            h = model(torch.cat([idx, out], 1))[:, -1]
+    completions = []
+    for row in out.tolist():
+        completions.append(row[:row.index(end_id) + 1] if end_id in row else row)
+    return completions
+
+# -----------------------------------------------------------------------------
+# Verifier and confidence parser (pure functions, shared by training and evaluation)
+
+CONFIDENCE = re.compile(r"Confidence:\s*([0-9]*\.?[0-9]+)\s*(%?)")
+
+def parse_confidence(text):
+    """The last `Confidence: X` in text as a float in [0, 1], or None when there is none.
+    `85%` reads as 0.85; values outside [0, 1] are clipped."""
+    m = CONFIDENCE.findall(text)
+    if not m:
+        return None
+    value, percent = m[-1]
+    return min(1.0, max(0.0, float(value) / (100 if percent else 1)))
+
+ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+
+def verify(example, text):
+    """Toy task verifier: is the first integer after `Answer:` the right one? Never raises;
+    unparseable output is simply wrong."""
+    m = ANSWER.search(text.split("Confidence:")[0])
+    return m is not None and int(m.group(1)) == example["answer"]
+
+# -----------------------------------------------------------------------------
+# Empirical confidence: CaOPD's one change
+
+def empirical_confidence(correct, k):
+    """correct: list of B*K verdicts, grouped by prompt -> P_acc per prompt, a list of B floats."""
+    return [sum(correct[i:i + k]) / k for i in range(0, len(correct), k)]
+
+def set_confidence(completion, p, decimals):
+    """Strip everything from the first `Confidence:` on and append `Confidence: p`.
+    A completion without one keeps all its text and gets the line appended."""
+    body = completion.split("Confidence:")[0]
+    if body and not body.endswith("\n"):
+        body += "\n"
+    return f"{body}Confidence: {p:.{decimals}f}"
+
+def with_empirical_confidence(completion, p_acc, decimals):
+    """The three replacements. Returns (student completion, confidence of the teacher's shown
+    solution, note value). Plain OPD uses (completion, 1.0, None) instead: nothing else differs."""
+    return set_confidence(completion, p_acc, decimals), p_acc, p_acc
+
+# -----------------------------------------------------------------------------
+# Teacher context: the privileged information the student never sees
+
+# `demo` (SDFT style) shows a reference answer; `correct_solution` (SDPO style) shows one of the
+# student's own verified correct rollouts for the same prompt (the reference answer when none is
+# correct). The teacher's weights are an EMA of the student's, so its targets move slowly and
+# never lag far behind: teacher = (1 - a) * teacher + a * student.
+TEMPLATES = {
+    "demo": "{question}\nThis is an example for a response to the question:\n{solution}\n"
+            "{note}Now answer with a response of your own.\n",
+    "correct_solution": "{question}\nCorrect solution:\n{solution}\n{note}Correctly solve the original question.\n",
+}
+NOTE = "Note: The empirical confidence for this question is {p}. Output this exact value in the 'Confidence:' field.\n"
+
+def student_prompt(question):
+    return f"{question}\n"
+
+def teacher_prompt(context, question, solution, confidence, note, decimals):
+    """solution: a response text (its own Confidence line, if any, is replaced by `confidence`);
+    note: None (OPD) or the P_acc to state in the Note line (CaOPD)."""
+    return TEMPLATES[context].format(
+        question=question, solution=set_confidence(solution, confidence, decimals),
+        note="" if note is None else NOTE.format(p=f"{note:.{decimals}f}"))
+
+@torch.no_grad()
+def ema_update(teacher, student, rate):
+    """teacher <- (1 - rate) * teacher + rate * student. rate = 0 keeps the teacher frozen."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s, rate)
+
+def completion_hidden(model, prompts, completions):
+    """Run the model on each prompt + completion (right-padded) and return the hidden states
+    that predict the completion tokens, (B, L, C), with the lengths of the completions.
+    h[i, j] is the state after prompts[i] + completions[i][:j]; it predicts completions[i][j]."""
+    device = model.wte.weight.device
+    seqs = [p + c[:-1] for p, c in zip(prompts, completions)]
+    T, L = max(map(len, seqs)), max(map(len, completions))
+    x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
+    h = model(x)  # (B, T, C)
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # state that predicts token 0
+    pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
+    return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]
+
+# -----------------------------------------------------------------------------
+# Loss: per-token divergence between student and teacher over the full vocabulary
+
+# Reverse KL(p_s || p_t) is the default: it is an expectation under the student's own
+# distribution, so the student is pushed off tokens the teacher finds unlikely (mode seeking),
+# exactly on the states the student itself visits. Forward KL and the generalized JSD (with the
+# reference code's convention: m = beta * p_t + (1 - beta) * p_s, JSD = beta KL(p_t||m) +
+# (1 - beta) KL(p_s||m), and beta = 0 / 1 meaning forward / reverse KL) are options.
+
+def kl_divergence(logp_s, logp_t, kind="reverse", beta=0.5):
+    """Per-position divergence from log-probabilities (..., V) -> (...), in plain autograd."""
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward" if beta == 0.0 else "reverse"
+    if kind == "reverse":
+        return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    if kind == "forward":
+        return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    logm = torch.logaddexp(logp_s + math.log(1 - beta), logp_t + math.log(beta))
+    return beta * (logp_t.exp() * (logp_t - logm)).sum(-1) + (1 - beta) * (logp_s.exp() * (logp_s - logm)).sum(-1)
+
+def linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                        kind="reverse", beta=0.5):
+    """What fused_linear_kl computes, written plainly: it holds several (N, V) tensors."""
+    logp_s = F.log_softmax(student_hidden @ student_weight.T, -1)  # (N, V)
+    logp_t = F.log_softmax(teacher_hidden @ teacher_weight.T, -1).detach()
+    w = torch.ones(len(student_hidden), dtype=logp_s.dtype) if mask is None else mask.to(logp_s.dtype)
+    return (kl_divergence(logp_s, logp_t, kind, beta) * w).sum() / w.sum().clamp(min=1e-30)
+
+class _FusedLinearKL(torch.autograd.Function):
+    """Forward computes the loss AND its gradients chunk by chunk; backward only rescales them.
+    No (N, V) tensor is ever alive: just three chunk buffers of (chunk_size, V)."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, w, kind, beta, chunk_size):
+        acc = w.dtype  # softmax math in fp32 at least (fp64 when the inputs are)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hs) if need_h else None
+        grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        rows = w.nonzero()[:, 0]  # positions that count; padding is never computed
+        w = w / w.sum()  # each position's share of the mean
+        loss = torch.zeros((), dtype=acc, device=hs.device)
+        bufs = torch.empty(3, min(chunk_size, len(rows)), ws.shape[0], dtype=acc, device=hs.device)  # reused
+        for i in range(0, len(rows), chunk_size):
+            r = rows[i:i + chunk_size]
+            n, h_s = len(r), hs[r]
+            a, b, x = bufs[0, :n], bufs[1, :n], bufs[2, :n]  # (n, V) views
+            _logits_into(a, h_s, ws)  # student logits z_s
+            _logits_into(b, ht[r], wt)  # teacher logits z_t
+            a -= torch.logsumexp(a, -1, keepdim=True)  # log p_s
+            b -= torch.logsumexp(b, -1, keepdim=True)  # log p_t
+            if kind == "reverse":
+                # KL_row = sum_v p_s (log p_s - log p_t); dKL/dz_s = p_s * (log p_s - log p_t - KL_row)
+                torch.sub(a, b, out=b)  # b = log p_s - log p_t
+                a.exp_()  # a = p_s
+                kl = torch.mul(a, b, out=x).sum(-1)  # (n,) product then sum: a dot product loses precision at V = 152k
+                g = b.sub_(kl[:, None]).mul_(a)  # (n, V) dKL/dz_s
+            elif kind == "forward":
+                # KL_row = sum_v p_t (log p_t - log p_s); dKL/dz_s = p_s - p_t
+                torch.sub(b, a, out=x)  # x = log p_t - log p_s
+                b.exp_()  # b = p_t
+                kl = x.mul_(b).sum(-1)
+                g = a.exp_().sub_(b)
+            else:
+                # m = beta p_t + (1 - beta) p_s; J = beta KL(p_t||m) + (1 - beta) KL(p_s||m).
+                # dJ/dp_s(v) = (1 - beta)(log p_s(v) - log m(v)) + a constant (the p_t/m terms cancel),
+                # so through the softmax: dJ/dz_s = (1 - beta) p_s * ((log p_s - log m) - KL(p_s||m))
+                torch.logaddexp(a + math.log(1 - beta), b + math.log(beta), out=x)  # x = log m
+                kl_tm = (b.exp() * (b - x)).sum(-1)  # KL(p_t||m)
+                torch.sub(a, x, out=x)  # x = log p_s - log m
+                a.exp_()  # a = p_s
+                kl_sm = torch.mul(a, x, out=b).sum(-1)  # KL(p_s||m)
+                kl = beta * kl_tm + (1 - beta) * kl_sm
+                g = x.sub_(kl_sm[:, None]).mul_(a).mul_(1 - beta)
+            loss += (kl * w[r]).sum()
+            g.mul_(w[r][:, None])  # d(mean)/dz_s for this chunk
+            if need_h:
+                grad_h[r] = (g.to(hs.dtype) @ ws)  # (n, d_s) = (n, V) @ (V, d_s)
+            if need_w:
+                grad_w.addmm_(g.T, h_s.to(acc))  # (V, d_s) += (V, n) @ (n, d_s), in place
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(ws.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out, None if grad_w is None else grad_w * grad_out,
+                None, None, None, None, None, None)
+
+def _logits_into(buf, h, weight):
+    """buf (n, V) <- h @ weight.T, computed in the inputs' dtype (bf16 on GPU), kept in buf's."""
+    if h.dtype == buf.dtype:
+        torch.mm(h, weight.T, out=buf)
+    else:
+        buf.copy_(h @ weight.T)
+
+def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                    kind="reverse", beta=0.5, chunk_size=None):
+    """Mean per-position divergence between softmax(student_hidden @ student_weight.T) and
+    softmax(teacher_hidden @ teacher_weight.T), never holding an (N, V) tensor.
+    student_hidden (N, d_s), student_weight (V, d_s), teacher_hidden (N, d_t), teacher_weight
+    (V, d_t); mask (N,): bool (positions that count) or float weights (the mean is weighted).
+    Gradients flow to student_hidden and student_weight only."""
+    hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    for name, t in (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
+        if not (torch.is_tensor(t) and t.is_floating_point() and t.dim() == 2):
+            raise ValueError(f"{name} must be a 2-D floating tensor, got {getattr(t, 'dtype', type(t))} "
+                             f"of shape {tuple(getattr(t, 'shape', ()))}")
+    shapes = f"student_hidden {tuple(hs.shape)}, student_weight {tuple(ws.shape)}, " \
+             f"teacher_hidden {tuple(ht.shape)}, teacher_weight {tuple(wt.shape)}"
+    if hs.shape[0] != ht.shape[0]:
+        raise ValueError(f"student_hidden and teacher_hidden differ in N: {shapes}")
+    if ws.shape[0] != wt.shape[0]:
+        raise ValueError(f"student_weight and teacher_weight differ in V: {shapes}")
+    if hs.shape[1] != ws.shape[1] or ht.shape[1] != wt.shape[1]:
+        raise ValueError(f"hidden size does not match its weight: {shapes}")
+    if mask is None:
+        mask = torch.ones(hs.shape[0], device=hs.device)
+    if not torch.is_tensor(mask) or mask.shape != (hs.shape[0],):
+        raise ValueError(f"mask must have shape ({hs.shape[0]},), got {tuple(getattr(mask, 'shape', ()))}; {shapes}")
+    if kind not in ("reverse", "forward", "jsd"):
+        raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward" if beta == 0.0 else "reverse"
+    if chunk_size is None:  # about 2^23 logits (32 MB in fp32) per chunk buffer
+        chunk_size = max(1, min(hs.shape[0], (1 << 23) // ws.shape[0]))
+    w = mask.detach().to(torch.promote_types(hs.dtype, torch.float32))
+    if not w.any():
+        return (hs.sum() + ws.sum()) * 0.0  # nothing counts: zero loss, zero gradients
+    return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size))
+
+# -----------------------------------------------------------------------------
+# Metrics: one answer per question, its verdict and its stated confidence
+
+def calibration_metrics(correct, confidence):
+    """correct: 0/1 per question; confidence: stated confidence in [0, 1] (0 where unparseable).
+    ECE uses 10 equal-width bins (0 falls in the first, 1 in the last). SPR is strict: over all
+    (correct, incorrect) pairs, the fraction where the correct one is strictly more confident;
+    ties earn nothing, and it is 0 when either class is empty. AUROC counts ties as half and is
+    0.5 when either class is empty (nothing to rank)."""
+    y = torch.as_tensor(correct, dtype=torch.float64)
+    c = torch.as_tensor(confidence, dtype=torch.float64)
+    n = len(y)
+    assert n == len(c) and n > 0, "calibration_metrics needs equally long, non-empty inputs"
+    bins = (c * 10 + 1e-9).floor().clamp(0, 9).long()  # + 1e-9: 0.3 * 10 lands in bin 3, not 2
+    ece = sum((bins == b).sum() / n * (c[bins == b].mean() - y[bins == b].mean()).abs()
+              for b in range(10) if (bins == b).any())
+    pos, neg = c[y == 1], c[y == 0]
+    if len(pos) and len(neg):
+        diff = pos[:, None] - neg[None, :]  # (n_correct, n_incorrect)
+        spr = (diff > 0).double().mean().item()
+        auroc = spr + 0.5 * (diff == 0).double().mean().item()
+    else:
+        spr, auroc = 0.0, 0.5
+    return {"accuracy": y.mean().item(), "mean_confidence": c.mean().item(), "ece": float(ece),
+            "brier": ((c - y) ** 2).mean().item(), "ocg": (c.mean() - y.mean()).item(),
+            "spr": spr, "auroc": auroc, "n": n}

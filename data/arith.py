@@ -1,0 +1,59 @@
+"""
+The toy task: arithmetic with graded difficulty and a programmatic verifier.
+
+Half the questions are additions of 1-3 digit operands (a small model learns most of them),
+half multiplications of 1-2 digit operands (2-digit x 2-digit stays hard). Operands are
+zero-padded to three digits, so every prompt has the same number of tokens and a step's
+rollouts go through the sampler as one batch. Addition alone saturates (a model that is
+right 90% of the time is nearly calibrated by always saying 1.0): the hard multiplication
+slice is what makes confidence worth learning.
+
+An example: {"id": "017+305", "question": "Solve 017+305 and end with your confidence.",
+             "answer": 322, "reference": "Answer: 322", "kind": "add"}
+The student answers "Answer: 322\nConfidence: 0.7"; caopd.verify checks the integer.
+"""
+import random
+
+QUESTION = "Solve {a:03d}{op}{b:03d} and end with your confidence."
+VOCAB_TEXT = QUESTION + "\nAnswer: 1\nConfidence: 1.0"  # every word the task writes: one token each
+DECIMALS = 1  # confidence is stated as 0.0, 0.1, ..., 1.0: one token each in the toy tokenizer
+
+def make_example(rng):
+    """One random question; the operands' digit counts are drawn first, so short and long
+    operands are equally common (that is what grades the difficulty)."""
+    op = rng.choice("+*")
+    top = 3 if op == "+" else 2
+    a, b = _operand(rng, top), _operand(rng, top)
+    answer = a + b if op == "+" else a * b
+    q = QUESTION.format(a=a, op=op, b=b)
+    return {"id": f"{a:03d}{op}{b:03d}", "question": q, "answer": answer, "reference": f"Answer: {answer}",
+            "kind": "add" if op == "+" else "mul"}
+
+def _operand(rng, max_digits):
+    d = rng.randint(1, max_digits)
+    return rng.randrange(10 ** (d - 1) if d > 1 else 0, 10 ** d)
+
+def split(data_seed, n_eval):
+    """The held-out questions (deterministic in data_seed) and a sampler of training questions
+    that never returns one of them."""
+    rng = random.Random(data_seed)
+    held_out = {}
+    while len(held_out) < n_eval:
+        ex = make_example(rng)
+        held_out.setdefault(ex["id"], ex)
+    held = list(held_out.values())
+
+    def sample_train(rng, n):
+        out = []
+        while len(out) < n:
+            ex = make_example(rng)
+            if ex["id"] not in held_out:
+                out.append(ex)
+        return out
+    return held, sample_train
+
+if __name__ == "__main__":  # show a few questions and the difficulty mix
+    held, sample_train = split(0, 1000)
+    for ex in sample_train(random.Random(0), 5):
+        print(ex)
+    print(sum(e["kind"] == "mul" for e in held), "of", len(held), "held-out questions are multiplications")
