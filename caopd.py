@@ -35,17 +35,17 @@ import torch.nn.functional as F
 # The toy tokenizer is a real tiktoken.Encoding, built here from a word list instead of being
 # downloaded. Text is cut into pieces by PIECES (a confidence value like " 0.7", a single digit,
 # a word, a punctuation mark, a whitespace character); tiktoken looks a whole piece up first, so
-# every piece we list is one token, and anything else still encodes, byte by byte.
+# every piece we list is one token, and anything else still encodes, byte by byte. A digit is
+# always its own token, never " 7": "1" means the same wherever it stands in a number.
 # Why confidence values are single tokens: spelled as digits ("0", ".", "7"), reverse KL at this
 # scale collapses the stated confidence onto the shared leading "0" (see FEASIBILITY.md).
-PIECES = r" ?\d\.\d| ?\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]|\s"
+PIECES = r" ?\d\.\d|\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]|\s"
 END = "<|endoftext|>"  # ends every completion (tiktoken calls it eot_token)
 
 def toy_tokenizer(text):
-    """A tiktoken.Encoding whose vocabulary is the 256 bytes, every piece of `text` and of this
-    file's teacher templates, digits, and the confidence values 0.0 ... 1.0; then END."""
+    """A tiktoken.Encoding whose vocabulary is the 256 bytes (digits among them), every piece of
+    `text` and of this file's teacher templates, and the confidence values 0.0 ... 1.0; then END."""
     words = set(re.findall(PIECES, text + " ".join(TEMPLATES.values()) + NOTE))
-    words |= {f"{s}{i}" for s in ("", " ") for i in range(10)}
     words |= {f"{s}{i / 10:.1f}" for s in ("", " ") for i in range(11)}
     ranks = {bytes([i]): i for i in range(256)}
     for w in sorted(w.encode() for w in words if len(w.encode()) > 1):
@@ -81,9 +81,9 @@ class Block(nn.Module):
         if kv is not None:  # write this call's keys/values at pos, attend to everything so far
             kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
-        # a prompt (pos == 0) is causal; a single new token attends to the whole cache
-        assert T == 1 or pos == 0, "the cache takes a whole prompt at pos 0, then one token at a time"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        # causal: the T new tokens sit at positions pos .. pos + T - 1 and see everything before them
+        mask = None if T == 1 or pos == 0 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0)
         x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
 
@@ -122,6 +122,19 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # Rollouts: K completions per prompt, all prompts of a step in one batched call
 
+def prefill(model, prompts, length):
+    """Run each distinct prompt once into a KV cache with room for `length` positions, then give
+    every row its own copy: the K rollouts of a question share its prompt, so this does K times
+    less prompt work. Returns the last prompt token's hidden state (B, C) and the cache."""
+    device = model.wte.weight.device
+    distinct = {}  # prompt -> its row among the distinct prompts
+    for p in prompts:
+        distinct.setdefault(tuple(p), len(distinct))
+    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
+    cache = model.new_cache(len(distinct), length)
+    h = model(torch.tensor(list(distinct), device=device), cache)[:, -1]  # (U, C)
+    return h[rows], [(k[rows], v[rows]) for k, v in cache]  # (B, C), (B, nh, length, hs) per layer
+
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, use_cache=True, generator=None):
     """prompts: list of token lists, all of one length (the toy pads its questions so they are).
@@ -132,8 +145,10 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, use
     device = model.wte.weight.device
     idx = torch.tensor(prompts, device=device)  # (B, Tp)
     B, Tp = idx.shape
-    cache = model.new_cache(B, Tp + max_new_tokens) if use_cache else None
-    h = model(idx, cache)[:, -1]  # (B, C) hidden state of the last prompt token
+    if use_cache:
+        h, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
+    else:
+        h = model(idx)[:, -1]
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -233,15 +248,24 @@ def ema_update(teacher, student, rate):
         t.lerp_(s, rate)
 
 def completion_hidden(model, prompts, completions):
-    """Run the model on each prompt + completion (right-padded) and return the hidden states
-    that predict the completion tokens, (B, L, C), with the lengths of the completions.
-    h[i, j] is the state after prompts[i] + completions[i][:j]; it predicts completions[i][j]."""
+    """Run the model on each prompt + completion and return the hidden states that predict the
+    completion tokens, (B, L, C), with the completions' lengths. h[i, j] is the state after
+    prompts[i] + completions[i][:j]; it predicts completions[i][j].
+    When the prompts are of one length (the toy's are), they go through prefill(): the K rollouts
+    of a question share one run of its prompt."""
     device = model.wte.weight.device
-    seqs = [p + c[:-1] for p, c in zip(prompts, completions)]
-    T, L = max(map(len, seqs)), max(map(len, completions))
+    L = max(map(len, completions))
+    if len({len(p) for p in prompts}) == 1:
+        Tp = len(prompts[0])
+        h0, cache = prefill(model, prompts, Tp + L - 1)  # h0 (B, C) predicts token 0
+        x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=device)  # (B, L - 1)
+        rest = model(x, cache, Tp) if L > 1 else h0.new_zeros(len(prompts), 0, h0.shape[-1])  # (B, L - 1, C)
+        return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
+    seqs = [p + c[:-1] for p, c in zip(prompts, completions)]  # prompts of several lengths: right-pad
+    T = max(map(len, seqs))
     x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
     h = model(x)  # (B, T, C)
-    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # state that predicts token 0
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the state that predicts token 0
     pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
     return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]
 

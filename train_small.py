@@ -143,7 +143,7 @@ def write_atomic(path, data, mode="w"):
 # stage 0: a base model that knows the format, hedges its confidence, and reads teacher contexts
 
 def base_batch_rows(rng, sample_train):
-    """Half student format with a broad confidence prior, clip(N(0.6, 0.3)), so reverse KL has
+    """Half student format with a broad confidence prior, N(0.6, 0.3) on [0, 1], so reverse KL has
     probability mass to move (its gradient scales with the student's own probabilities). Half
     teacher format, three ways: shown confidence 1.0 and target 1.0 (else the teacher never says
     1.0); shown c ~ U[0,1] and target c + N(0, 0.07) (the noise keeps the teacher soft); the same
@@ -151,7 +151,9 @@ def base_batch_rows(rng, sample_train):
     rows = []
     for ex in sample_train(rng, base_batch):
         if rng.random() < 0.5:
-            prompt, target = caopd.student_prompt(ex["question"]), min(1.0, max(0.0, rng.gauss(0.6, 0.3)))
+            prompt, target = caopd.student_prompt(ex["question"]), -1.0
+            while not 0.0 <= target <= 1.0:  # a truncated normal: clipping would pile mass on 0.0 and 1.0
+                target = rng.gauss(0.6, 0.3)
         else:
             way = rng.randrange(3)
             shown = 1.0 if way == 0 else rng.random()
@@ -169,17 +171,22 @@ def train_base(model, sample_train):
         frac = max(0.0, (step - base_warmup) / max(1, base_steps - base_warmup))
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr
             g["lr"] = base_lr * min((step + 1) / base_warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        prompts, completions = zip(*base_batch_rows(rng, sample_train))
-        h, lens = caopd.completion_hidden(model, prompts, completions)  # (B, L, C)
-        targets = torch.tensor([c + [-1] * (h.shape[1] - len(c)) for c in completions], device=h.device)
-        # cross-entropy on completion tokens only (the vocabulary is tiny, so full logits are fine here)
-        ce = torch.nn.functional.cross_entropy((h @ model.lm_head.T).flatten(0, 1), targets.flatten(), ignore_index=-1)
+        rows = sorted(base_batch_rows(rng, sample_train), key=lambda r: len(r[0]) + len(r[1]))
+        n_tokens, total = sum(len(c) for _, c in rows), 0.0
         opt.zero_grad(set_to_none=True)
-        ce.backward()
+        for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):  # short and long rows apart: less padding
+            prompts, completions = zip(*half)
+            h, _ = caopd.completion_hidden(model, prompts, completions)  # (B, L, C)
+            targets = torch.tensor([c + [-1] * (h.shape[1] - len(c)) for c in completions], device=h.device)
+            # cross-entropy on completion tokens only (the vocabulary is tiny, so full logits are fine here)
+            ce = torch.nn.functional.cross_entropy((h @ model.lm_head.T).flatten(0, 1), targets.flatten(),
+                                                   ignore_index=-1, reduction="sum") / n_tokens
+            ce.backward()
+            total += ce.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % (log_every * 4) == 0 or step == base_steps - 1:
-            tqdm.write(f"base step {step:4d} | cross-entropy {ce.item():.4f}")
+            tqdm.write(f"base step {step:4d} | cross-entropy {total:.4f}")
 
 # -----------------------------------------------------------------------------
 # stage 1: on-policy distillation, OPD or CaOPD

@@ -8,9 +8,13 @@ rollouts go through the sampler as one batch. Addition alone saturates (a model 
 right 90% of the time is nearly calibrated by always saying 1.0): the hard multiplication
 slice is what makes confidence worth learning.
 
+Answers are zero-padded to four digits too ("Answer: 0322"): each answer digit then sits at a
+fixed distance from the operand digits it depends on, which a small model learns far faster.
+The verifier compares integer values, so "Answer: 322" is right as well.
+
 An example: {"id": "017+305", "question": "Solve 017+305 and end with your confidence.",
-             "answer": 322, "reference": "Answer: 322", "kind": "add"}
-The student answers "Answer: 322\nConfidence: 0.7"; caopd.verify checks the integer.
+             "answer": 322, "reference": "Answer: 0322", "kind": "add"}
+The student answers "Answer: 0322\nConfidence: 0.7"; caopd.verify checks the integer.
 """
 import random
 
@@ -26,7 +30,7 @@ def make_example(rng):
     a, b = _operand(rng, top), _operand(rng, top)
     answer = a + b if op == "+" else a * b
     q = QUESTION.format(a=a, op=op, b=b)
-    return {"id": f"{a:03d}{op}{b:03d}", "question": q, "answer": answer, "reference": f"Answer: {answer}",
+    return {"id": f"{a:03d}{op}{b:03d}", "question": q, "answer": answer, "reference": f"Answer: {answer:04d}",
             "kind": "add" if op == "+" else "mul"}
 
 def _operand(rng, max_digits):
