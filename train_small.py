@@ -14,6 +14,7 @@ Every global below is a setting: override it as --key=value (the type must match
 """
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -57,7 +58,10 @@ top_k = 0                  # 0 = sample from the full vocabulary
 max_new_tokens = 12        # "Answer: 6887\nConfidence: 0.7<|endoftext|>" is 11 tokens
 # teacher
 teacher_context = "demo"   # "demo" (reference answer) or "correct_solution" (a verified rollout)
-ema_rate = 0.01            # teacher <- (1 - a) teacher + a student after every step; 0 = frozen
+ema_rate = 0.0             # teacher <- (1 - a) teacher + a student after every step; 0 = frozen.
+                           # The paper's 0.01 let teacher and student drift together here until the
+                           # student wrote "Answer:" where "Confidence:" belongs (format rate 0.08
+                           # after 300 CaOPD steps); a frozen teacher keeps the format (1.00)
 # loss
 loss = "reverse"           # "reverse" KL(student||teacher), "forward" KL(teacher||student), or "jsd"
 jsd_beta = 0.5             # the generalized JSD's mixing weight (loss="jsd" only)
@@ -143,13 +147,19 @@ def write_atomic(path, data, mode="w"):
 # stage 0: a base model that knows the format, hedges its confidence, and reads teacher contexts
 
 def base_batch_rows(rng, sample_train):
-    """Half student format with a broad confidence prior, N(0.6, 0.3) on [0, 1], so reverse KL has
+    """Rows (prompt tokens, completion tokens, targets: completion tokens with -1 where not trained).
+    Half student format with a broad confidence prior, N(0.6, 0.3) on [0, 1], so reverse KL has
     probability mass to move (its gradient scales with the student's own probabilities). Half
     teacher format, three ways: shown confidence 1.0 and target 1.0 (else the teacher never says
     1.0); shown c ~ U[0,1] and target c + N(0, 0.07) (the noise keeps the teacher soft); the same
-    plus the Note line. Both teacher templates appear, with the reference answer as solution."""
+    plus the Note line. Both teacher templates appear, with the reference answer as solution.
+    In half of the Note rows the completion's answer is a wrong one (context only, not trained):
+    the teacher must state the Note's value after a wrong rollout too. Otherwise it learns to grade
+    each rollout against the demonstration (1.0 if it matches, 0.0 if not), information the
+    student never has, and CaOPD's student learns to say 1.0 or 0.0 instead of P_acc."""
     rows = []
     for ex in sample_train(rng, base_batch):
+        answer, way = ex["reference"], None
         if rng.random() < 0.5:
             prompt, target = caopd.student_prompt(ex["question"]), -1.0
             while not 0.0 <= target <= 1.0:  # a truncated normal: clipping would pile mass on 0.0 and 1.0
@@ -160,8 +170,12 @@ def base_batch_rows(rng, sample_train):
             target = 1.0 if way == 0 else min(1.0, max(0.0, shown + rng.gauss(0, 0.07)))
             prompt = caopd.teacher_prompt(rng.choice(list(caopd.TEMPLATES)), ex["question"], ex["reference"],
                                           shown, shown if way == 2 else None, arith.DECIMALS)
-        completion = caopd.set_confidence(ex["reference"], target, arith.DECIMALS)
-        rows.append((enc.encode(prompt), enc.encode(completion) + [end_id]))
+        skip = 0
+        if way == 2 and rng.random() < 0.5:  # a near miss: one digit off
+            answer = f"Answer: {(ex['answer'] + rng.choice((-1, 1)) * 10 ** rng.randrange(4)) % 10000:04d}"
+            skip = len(enc.encode(answer + "\n"))
+        tokens = enc.encode(caopd.set_confidence(answer, target, arith.DECIMALS)) + [end_id]
+        rows.append((enc.encode(prompt), tokens, [-1] * skip + tokens[skip:]))
     return rows
 
 def train_base(model, sample_train):
@@ -171,13 +185,13 @@ def train_base(model, sample_train):
         frac = max(0.0, (step - base_warmup) / max(1, base_steps - base_warmup))
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr
             g["lr"] = base_lr * min((step + 1) / base_warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        rows = sorted(base_batch_rows(rng, sample_train), key=lambda r: len(r[0]) + len(r[1]))
-        n_tokens, total = sum(len(c) for _, c in rows), 0.0
+        rows = sorted(base_batch_rows(rng, sample_train), key=lambda r: len(r[0]) + len(r[1]))  # by length
+        n_tokens, total = sum(sum(t >= 0 for t in r[2]) for r in rows), 0.0
         opt.zero_grad(set_to_none=True)
         for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):  # short and long rows apart: less padding
-            prompts, completions = zip(*half)
+            prompts, completions, targets = zip(*half)
             h, _ = caopd.completion_hidden(model, prompts, completions)  # (B, L, C)
-            targets = torch.tensor([c + [-1] * (h.shape[1] - len(c)) for c in completions], device=h.device)
+            targets = torch.tensor([t + [-1] * (h.shape[1] - len(t)) for t in targets], device=h.device)
             # cross-entropy on completion tokens only (the vocabulary is tiny, so full logits are fine here)
             ce = torch.nn.functional.cross_entropy((h @ model.lm_head.T).flatten(0, 1), targets.flatten(),
                                                    ignore_index=-1, reduction="sum") / n_tokens
@@ -238,7 +252,7 @@ def distill(model, method, sample_train):
             stated = [c for c in map(caopd.parse_confidence, texts) if c is not None]
             tqdm.write(f"{method:5s} step {step:4d} | {loss} KL {kl.item():.4f} | rollout acc {sum(correct) / len(correct):.3f}"
                        f" | P_acc {sum(p_acc) / len(p_acc):.3f} | stated conf {sum(stated) / max(1, len(stated)):.3f}"
-                       f" | {time.time() - t0:.1f}s")
+                       f" | format {len(stated) / len(texts):.2f} | {time.time() - t0:.1f}s")
 
 # -----------------------------------------------------------------------------
 # evaluation: greedy answers to the held-out questions, student prompt only
@@ -301,7 +315,8 @@ if __name__ == "__main__":
     # stage 0, cached: the same settings give the same base, so it is trained once and reused
     base_settings = {k: config[k] for k in ("seed", "data_seed", "n_layer", "n_head", "n_embd", "block_size",
                                             "base_steps", "base_batch", "base_lr", "base_warmup")}
-    key = hashlib.sha256(json.dumps([base_settings, enc.n_vocab, caopd.TEMPLATES], sort_keys=True).encode()).hexdigest()[:12]
+    curriculum = inspect.getsource(base_batch_rows)  # editing the curriculum must not reuse a stale base
+    key = hashlib.sha256(json.dumps([base_settings, enc.n_vocab, caopd.TEMPLATES, curriculum]).encode()).hexdigest()[:12]
     base_path = os.path.join(out_dir, f"base-{key}.pt")
     torch.manual_seed(seed)
     base = caopd.GPT(cfg).to(device)
@@ -323,6 +338,9 @@ if __name__ == "__main__":
         models[m] = copy.deepcopy(base)
         distill(models[m], m, sample_train)
         seconds[m] = time.time() - t0
+        torch.save({"model": models[m].state_dict(), "model_args": asdict(cfg), "config": config},
+                   os.path.join(out_dir, f"{m}.pt.tmp"))
+        os.replace(os.path.join(out_dir, f"{m}.pt.tmp"), os.path.join(out_dir, f"{m}.pt"))
 
     t0 = time.time()
     results = {name: evaluate(model, name, held) for name, model in models.items()}
