@@ -67,7 +67,7 @@ loss = "reverse"           # "reverse" KL(student||teacher), "forward" KL(teache
 jsd_beta = 0.5             # the generalized JSD's mixing weight (loss="jsd" only)
 skip_tokens = 0            # completion tokens left out of the loss; the toy's answer starts at token 2,
                            # so skipping 3 (the reference code's default) would drop its first digit
-lr = 1e-4
+lr = 3e-4                   # 1e-4 left seed 1 stuck underconfident after 300 CaOPD steps (mean conf 0.10 at acc 0.38)
 grad_clip = 1.0
 # system
 device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"

@@ -1,0 +1,389 @@
+"""
+Benchmarks for the two hot spots of caopd.py, on one CPU thread, float32.
+
+1. The loss. fused_linear_kl (chunked, never holds an (N, V) tensor) against linear_kl_reference
+   (plain autograd), forward + backward, kind="reverse", at three shapes (N, d, V): the toy
+   (4096, 128, 257), a 32k vocabulary (2048, 256, 32768) and Qwen's 152k one (1024, 512, 151936).
+   Every run is a fresh subprocess, so peak memory is that run's alone: extra peak memory is
+   ru_maxrss minus the resident size after the inputs exist. Time is the median of several
+   forward + backward passes after a warm-up. Both are compared with their floors: memory =
+   the gradients (N*d + V*d floats) + one chunk of logits; time = the 8*N*d*V FLOPs of the four
+   GEMMs, timed with torch.mm at the fused path's own shapes and layouts in the same process.
+   Accuracy: max abs error of the loss and of both gradients against a float64 reference,
+   computed in row chunks in yet another subprocess.
+2. The sampler. Tokens per second of caopd.sample with its KV cache, the same model without
+   the cache (use_cache=False re-runs the whole sequence per token), and Hugging Face
+   `generate` on a randomly initialised GPT-2 of the same size; interleaved, median of reps.
+   The batch is training's: 16 distinct prompts x K=8 rollouts each.
+
+Prints markdown tables (for the README) and PASS/FAIL per target, and writes bench.json.
+
+    python bench.py                 # everything: about 9 minutes (one busy core, peak ~4 GB RAM)
+    python bench.py --quick         # first two loss shapes, short sampler config: about 2 minutes
+    python bench.py --out=bench.json
+
+Timings on a shared machine are noisy: compare the ratios, which are measured side by side.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import caopd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = [(4096, 128, 257), (2048, 256, 32768), (1024, 512, 151936)]  # (N, d, V)
+SEED = 1337
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def rss_bytes():
+    """Resident set size of this process now (second field of /proc/self/statm, in pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+def default_chunk(N, V):
+    """The chunk size fused_linear_kl picks when chunk_size=None (keep in sync with caopd.py)."""
+    return max(1, min(N, (1 << 23) // V))
+
+def make_inputs(N, d, V, dtype=torch.float32):
+    """Random student/teacher hiddens and unembeddings with a fixed seed. Weights are scaled so
+    logits have std ~2 (a realistic spread: the softmax is neither flat nor one-hot); the teacher
+    is a perturbed copy of the student, as an EMA teacher would be. Everything is made in place,
+    in float32, so no transient copy inflates the process's peak before the baseline is read;
+    the float64 reference casts these exact float32 values."""
+    g = torch.Generator().manual_seed(SEED)
+    hs = torch.randn(N, d, generator=g)
+    ws = torch.randn(V, d, generator=g).mul_(2.0 / d ** 0.5)
+    ht = torch.randn(N, d, generator=g).mul_(0.5).add_(hs)
+    wt = torch.randn(V, d, generator=g).mul_(0.5 / d ** 0.5).add_(ws)
+    return [t.to(dtype) for t in (hs, ws, ht, wt)]  # .to is a no-op for float32
+
+def run_worker(**kw):
+    """Run this file as a worker in a fresh process and return the JSON line it prints last."""
+    cmd = [sys.executable, os.path.abspath(__file__)] + [f"--{k}={v}" for k, v in kw.items()]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(cmd[2:])} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+# -----------------------------------------------------------------------------
+# loss workers (each runs in its own process)
+
+def loss_worker(args):
+    """--worker=fused|unfused: time forward+backward, measure extra peak memory, save the result
+    (loss, both gradients) for the float64 comparison. The fused worker also times the GEMM floor."""
+    torch.set_num_threads(1)
+    N, d, V = args.N, args.d, args.V
+    hs, ws, ht, wt = make_inputs(N, d, V)
+    hs.requires_grad_(True)
+    ws.requires_grad_(True)
+    fused = args.worker == "fused"
+    fn = caopd.fused_linear_kl if fused else caopd.linear_kl_reference
+    chunk = default_chunk(N, V)
+    if fused:
+        # GEMM floor buffers, made (and touched) before the baseline so they do not count as the
+        # loss's memory. They mirror the fused path: logits of a chunk, grad_h rows, grad_w.
+        g_logits = torch.randn(chunk, V)
+        g_h = torch.randn(chunk, d)
+        g_w = torch.randn(V, d)
+        h_chunk = torch.randn(chunk, d)
+    base = rss_bytes()
+
+    result = {}
+    def step():
+        result.clear()  # drop the previous pass's gradients first: they must not count in its peak
+        hs.grad, ws.grad = None, None  # fresh gradients every pass: nothing accumulates
+        loss = fn(hs, ws, ht, wt, kind="reverse")
+        loss.backward()
+        result.update(loss=loss.detach(), grad_h=hs.grad, grad_w=ws.grad)  # the last pass is checked
+
+    def gemm_floor(rows=N):
+        # The four GEMMs of the fused path, same shapes and layouts, over all N rows in chunks:
+        # student and teacher logits (n,d)@(d,V), grad_h (n,V)@(V,d), grad_w += (V,n)@(n,d).
+        # 4 * 2*N*d*V = 8*N*d*V FLOPs.
+        for i in range(0, rows, chunk):
+            n = min(chunk, N - i)
+            lg = g_logits[:n]
+            torch.mm(h_chunk[:n], ws.detach().T, out=lg)
+            torch.mm(h_chunk[:n], wt.T, out=lg)
+            torch.mm(lg, ws.detach(), out=g_h[:n])
+            g_w.addmm_(lg.T, h_chunk[:n])
+
+    def timed(f):
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    # warm-up (BLAS init, first-call allocations) on one chunk of rows: the same kernels and
+    # shapes, without spending a whole pass (20 s at the largest shape) on it
+    fn(hs.detach()[:chunk].clone().requires_grad_(True), ws, ht[:chunk], wt, kind="reverse").backward()
+    ws.grad = None
+    if fused:
+        gemm_floor(chunk)
+    times, floor_times = [], []
+    for _ in range(args.reps):
+        times.append(timed(step))
+        if fused:  # interleaved with the fused passes, so noise from other processes hits both alike
+            floor_times.append(timed(gemm_floor))
+    peak = peak_rss_bytes()  # read before torch.save, which may allocate
+    torch.save(result, args.save)  # the last pass's loss and gradients, for the float64 comparison
+    out = {"impl": args.worker, "N": N, "d": d, "V": V, "chunk": chunk,
+           "base_mb": base / 2**20, "peak_mb": peak / 2**20, "extra_mb": (peak - base) / 2**20,
+           "times_s": times, "median_s": statistics.median(times)}
+    if fused:
+        t = statistics.median(floor_times)
+        out.update(floor_times_s=floor_times, gemm_floor_s=t, gemm_gflops=8 * N * d * V / t / 1e9)
+    print(json.dumps(out))
+
+def reference_worker(args):
+    """--worker=ref: the float64 loss and gradients, from the unfused formula applied to row
+    chunks (the loss is a mean over rows, grad_h is per row, grad_w sums over rows), so no
+    float64 (N, V) tensor is ever whole; then the max abs error of each saved float32 result."""
+    torch.set_num_threads(1)
+    N, d, V = args.N, args.d, args.V
+    hs, ws, ht, wt = make_inputs(N, d, V, torch.float64)
+    ws.requires_grad_(True)
+    rows = max(1, (1 << 23) // V)  # ~64 MB per float64 (rows, V) tensor
+    loss, grad_h = torch.zeros((), dtype=torch.float64), torch.empty_like(hs)
+    for i in range(0, N, rows):
+        h = hs[i:i + rows].clone().requires_grad_(True)
+        part = caopd.linear_kl_reference(h, ws, ht[i:i + rows], wt, kind="reverse") * (len(h) / N)
+        part.backward()  # accumulates this chunk's share into ws.grad
+        loss += part.detach()
+        grad_h[i:i + rows] = h.grad
+    ref = {"loss": loss, "grad_h": grad_h, "grad_w": ws.grad}
+    out = {"loss": loss.item(), "max_abs_grad_h": grad_h.abs().max().item(),
+           "max_abs_grad_w": ws.grad.abs().max().item()}
+    for name, path in zip(("unfused", "fused"), args.compare.split(",")):
+        got = torch.load(path)
+        out[name] = {k: (got[k].double() - ref[k]).abs().max().item() for k in ref}
+        del got
+    print(json.dumps(out))
+
+# -----------------------------------------------------------------------------
+# loss benchmark (driver)
+
+def bench_loss(shapes, reps):
+    """reps timed passes per shape (3 at the big shapes, where one pass takes seconds)."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for N, d, V in shapes:
+            t0 = time.time()
+            saved = {k: os.path.join(tmp, f"{k}.pt") for k in ("unfused", "fused")}
+            r = {"N": N, "d": d, "V": V}
+            for impl in ("unfused", "fused"):
+                n_reps = reps if N * d * V < 2**32 else 3  # passes of the big shapes take seconds
+                r[impl] = run_worker(worker=impl, N=N, d=d, V=V, reps=n_reps, save=saved[impl])
+            r["errors"] = run_worker(worker="ref", N=N, d=d, V=V, compare=f"{saved['unfused']},{saved['fused']}")
+            u, f = r["unfused"], r["fused"]
+            # floors: the gradients plus one chunk of logits; the GEMMs at the measured FLOP/s
+            r["mem_floor_mb"] = (4 * (N * d + V * d) + 4 * f["chunk"] * V) / 2**20
+            r["mem_ratio"] = f["extra_mb"] / u["extra_mb"]
+            r["time_ratio"] = f["median_s"] / u["median_s"]
+            r["fused_vs_mem_floor"] = f["extra_mb"] / r["mem_floor_mb"]
+            r["fused_vs_time_floor"] = f["median_s"] / f["gemm_floor_s"]
+            r["wall_s"] = time.time() - t0
+            print(f"  ({N}, {d}, {V}): unfused {u['extra_mb']:.0f} MB {u['median_s']:.3f} s | fused "
+                  f"{f['extra_mb']:.0f} MB {f['median_s']:.3f} s | ratios mem {r['mem_ratio']:.3f} "
+                  f"time {r['time_ratio']:.3f} | {r['wall_s']:.0f} s", flush=True)
+            results.append(r)
+    return results
+
+# -----------------------------------------------------------------------------
+# sampler benchmark (in this process, one thread)
+
+def bench_sampler(configs):
+    """configs: list of (batch, rollouts per prompt K, prompt_len, new_tokens, repetitions).
+    Returns one dict per config."""
+    try:  # optional (not in requirements.txt): without it the HF column is left out
+        import transformers
+        from transformers import GPT2Config, GPT2LMHeadModel
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        print("  transformers is not installed: no Hugging Face generate comparison")
+        transformers = None
+    torch.set_num_threads(1)
+    V, block = 331, 128  # toy-sized vocabulary; block fits the longest config
+    torch.manual_seed(SEED)
+    ours = caopd.GPT(caopd.GPTConfig(vocab_size=V, block_size=block, n_layer=4, n_head=4, n_embd=128)).eval()
+    # the same architecture in Hugging Face (GPT-2 adds biases; same sizes, same tied unembedding)
+    if transformers:
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=V, n_positions=block,
+                                        bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    end_id = V  # never sampled (logits cover 0..V-1): every row gets all max_new_tokens
+    results = []
+    for B, K, Tp, new, reps in configs:
+        assert Tp + new <= block
+        # B // K distinct prompts, each repeated K times in a row, as training's rollouts are
+        # (caopd.sample runs each distinct prompt once; HF generate and the no-cache loop run all B)
+        distinct = torch.randint(0, V, (B // K, Tp), generator=torch.Generator().manual_seed(SEED))
+        prompts = distinct.repeat_interleave(K, 0)  # (B, Tp)
+        plist = prompts.tolist()
+
+        def run_ours(use_cache):
+            def f():
+                out = caopd.sample(ours, plist, new, end_id, temperature=1.0, top_k=0, use_cache=use_cache)
+                return sum(map(len, out))  # tokens actually generated
+            return f
+
+        @torch.no_grad()
+        def run_hf():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                              top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                              eos_token_id=None, pad_token_id=0)
+            return (out.shape[1] - Tp) * B
+
+        impls = {"cache": run_ours(True), "no_cache": run_ours(False)}
+        if transformers:
+            impls["hf"] = run_hf
+        times = {k: [] for k in impls}
+        first = not results  # one warm-up round, in the first config: the no-cache loop is slow
+        for rep in range(0 if first else 1, reps + 1):  # rep 0 is the warm-up, not recorded
+            for name, f in impls.items():  # interleaved: noise hits all three alike
+                torch.manual_seed(SEED + rep)
+                t0 = time.perf_counter()
+                n = f()
+                dt = time.perf_counter() - t0
+                assert n == B * new, f"{name} generated {n} tokens, expected {B * new}"
+                if rep:
+                    times[name].append(dt)
+        r = {"batch": B, "K": K, "prompt": Tp, "new_tokens": new, "reps": reps, "times_s": times}
+        for name in impls:
+            r[f"{name}_tok_s"] = B * new / statistics.median(times[name])
+        r["cache_vs_no_cache"] = r["cache_tok_s"] / r["no_cache_tok_s"]
+        r["cache_vs_hf"] = r["cache_tok_s"] / r["hf_tok_s"] if transformers else None
+        # The cache's best case against the no-cache loop: the ratio of token positions the two
+        # push through the model (no cache: every row's whole sequence every step; cache: each
+        # distinct prompt once, then one token per row per step). The per-step work both share
+        # (unembedding, sampling) keeps the real ratio below it.
+        r["positions_ratio"] = B * sum(Tp + t for t in range(new)) / (B // K * Tp + B * (new - 1))
+        print(f"  B={B} (K={K}) prompt={Tp} new={new}: cache {r['cache_tok_s']:.0f} tok/s, no cache "
+              f"{r['no_cache_tok_s']:.0f} (x{r['cache_vs_no_cache']:.1f})" +
+              (f", HF {r['hf_tok_s']:.0f} (x{r['cache_vs_hf']:.2f})" if transformers else ""), flush=True)
+        results.append(r)
+    return results
+
+# -----------------------------------------------------------------------------
+# targets, report
+
+def check_targets(loss, sampler):
+    """(description, measured, limit, pass) for each target of the issue."""
+    by_shape = {(r["N"], r["d"], r["V"]): r for r in loss}
+    t = []
+    if (r := by_shape.get((2048, 256, 32768))):
+        t.append(("(2048, 256, 32768) fused/unfused memory <= 0.15", r["mem_ratio"], 0.15))
+        t.append(("(2048, 256, 32768) fused/unfused time <= 0.8", r["time_ratio"], 0.8))
+    if (r := by_shape.get((1024, 512, 151936))):
+        t.append(("(1024, 512, 151936) fused/unfused memory <= 0.2", r["mem_ratio"], 0.2))
+        t.append(("(1024, 512, 151936) fused time / GEMM floor <= 1.8", r["fused_vs_time_floor"], 1.8))
+    out = [{"target": name, "value": v, "limit": lim, "pass": v <= lim} for name, v, lim in t]
+    for r in sampler:
+        cfg = f"B={r['batch']} prompt={r['prompt']} new={r['new_tokens']}"
+        out.append({"target": f"{cfg} cache/no-cache >= 10", "value": r["cache_vs_no_cache"], "limit": 10,
+                    "pass": r["cache_vs_no_cache"] >= 10})
+        if r["cache_vs_hf"] is not None:
+            out.append({"target": f"{cfg} cache/HF generate >= 1.2", "value": r["cache_vs_hf"], "limit": 1.2,
+                        "pass": r["cache_vs_hf"] >= 1.2})
+    return out
+
+def markdown(loss, sampler, targets):
+    L = ["| shape (N, d, V) | unfused MB | fused MB | mem fused/unfused | fused / mem floor "
+         "| unfused s | fused s | time fused/unfused | fused / GEMM floor |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in loss:
+        u, f = r["unfused"], r["fused"]
+        L.append(f"| ({r['N']}, {r['d']}, {r['V']}) | {u['extra_mb']:.0f} | {f['extra_mb']:.0f} | "
+                 f"{r['mem_ratio']:.3f} | {r['fused_vs_mem_floor']:.2f}x ({r['mem_floor_mb']:.0f} MB) | "
+                 f"{u['median_s']:.3f} | {f['median_s']:.3f} | {r['time_ratio']:.3f} | "
+                 f"{r['fused_vs_time_floor']:.2f}x ({f['gemm_floor_s']:.3f} s, {f['gemm_gflops']:.0f} GFLOP/s) |")
+    L += ["", "Extra peak RSS over the inputs, median forward+backward seconds; 1 thread, float32. Floors: "
+          "memory = gradients + one chunk of logits, time = the 8NdV GEMM FLOPs at the measured GEMM speed."]
+    L += ["", "| shape (N, d, V) | max abs err vs float64: loss | grad_h | grad_w | "
+          "(unfused, fused) |", "|---|---:|---:|---:|---|"]
+    for r in loss:
+        e = r["errors"]
+        L.append(f"| ({r['N']}, {r['d']}, {r['V']}) | {e['unfused']['loss']:.1e}, {e['fused']['loss']:.1e} | "
+                 f"{e['unfused']['grad_h']:.1e}, {e['fused']['grad_h']:.1e} | "
+                 f"{e['unfused']['grad_w']:.1e}, {e['fused']['grad_w']:.1e} | "
+                 f"loss {e['loss']:.3f}, max abs grad_h {e['max_abs_grad_h']:.1e}, grad_w {e['max_abs_grad_w']:.1e} |")
+    if sampler:
+        L += ["", "| sampler (batch = prompts x K, prompt, new) | KV cache tok/s | no cache tok/s | HF generate tok/s "
+              "| cache / no cache (positions ratio) | cache / HF |", "|---|---:|---:|---:|---:|---:|"]
+        for r in sampler:
+            hf = (f"{r['hf_tok_s']:.0f}", f"{r['cache_vs_hf']:.2f}x") if r["cache_vs_hf"] else ("n/a", "n/a")
+            L.append(f"| ({r['batch'] // r['K']} x {r['K']}, {r['prompt']}, {r['new_tokens']}) | {r['cache_tok_s']:.0f} | "
+                     f"{r['no_cache_tok_s']:.0f} | {hf[0]} | {r['cache_vs_no_cache']:.1f}x "
+                     f"({r['positions_ratio']:.1f}x) | {hf[1]} |")
+        L += ["", "Positions ratio: token positions the no-cache loop runs through the model over those the "
+              "cache runs (caopd.sample runs each distinct prompt once), the best the cache can do against it."]
+    L += ["", "| target | measured | |", "|---|---:|---|"]
+    L += [f"| {t['target']} | {t['value']:.3f} | {'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
+    return "\n".join(L)
+
+def machine_info():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    info = {"torch": torch.__version__, "threads": 1, "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+def main(args):
+    t0 = time.time()
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    print(f"loss benchmark: {len(shapes)} shapes, float32, 1 thread", flush=True)
+    loss = bench_loss(shapes, reps=3 if args.quick else 5)
+    # (batch, K, prompt, new tokens, repetitions): training's shape (16 prompts x K=8 rollouts,
+    # 15-token prompts, 12 new tokens; cheap, so more repetitions) and a longer one
+    configs = [(128, 8, 15, 12, 7)] + ([] if args.quick else [(128, 8, 64, 64, 3)])
+    print("sampler benchmark: 1 thread, median of the repetitions", flush=True)
+    sampler = bench_sampler(configs)
+    targets = check_targets(loss, sampler)
+    print()
+    print(markdown(loss, sampler, targets))
+    elapsed = time.time() - t0
+    print(f"\n{sum(t['pass'] for t in targets)}/{len(targets)} targets pass; took {elapsed:.0f} s")
+    report = {"machine": machine_info(), "quick": args.quick, "elapsed_s": elapsed,
+              "loss": loss, "sampler": sampler, "targets": targets}
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:  # write then rename: a reader never sees half a file
+        json.dump(report, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="first two loss shapes, short sampler config")
+    p.add_argument("--out", default=os.path.join(HERE, "bench.json"))
+    # internal: the subprocess workers
+    p.add_argument("--worker", choices=["fused", "unfused", "ref"], help=argparse.SUPPRESS)
+    p.add_argument("--N", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--d", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--V", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    p.add_argument("--compare", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "ref":
+        reference_worker(args)
+    elif args.worker:
+        loss_worker(args)
+    else:
+        main(args)
