@@ -2,7 +2,7 @@
 Calibration-Aware On-Policy Distillation (CaOPD), in one file.
 
 On-policy self-distillation (OPD) trains a student on its own samples toward a teacher
-that is the same network (an EMA copy) shown privileged context: a worked demonstration or
+that is the same network (a frozen or EMA copy) shown privileged context: a worked demonstration or
 a verified correct solution. The student learns the answers, and also the teacher's
 certainty: its stated `Confidence:` goes to 1.0 whether it is right or not. CaOPD changes
 one thing, the confidence target:
@@ -249,6 +249,8 @@ def teacher_prompt(context, question, solution, confidence, note, decimals):
 @torch.no_grad()
 def ema_update(teacher, student, rate):
     """teacher <- (1 - rate) * teacher + rate * student. rate = 0 keeps the teacher frozen."""
+    if rate == 0:
+        return  # frozen: skip a pass over every parameter on each step
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.lerp_(s, rate)
 
@@ -417,6 +419,11 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
 # -----------------------------------------------------------------------------
 # Metrics: one answer per question, its verdict and its stated confidence
 
+def confidence_bin(c):
+    """Index 0..9 of the equal-width bin of each confidence in c (a float tensor); 1.0 falls in the
+    last bin. The + 1e-9 puts 0.3 (0.3 * 10 = 2.9999...) in bin 3, not 2."""
+    return (c * 10 + 1e-9).floor().clamp(0, 9).long()
+
 def calibration_metrics(correct, confidence):
     """correct: 0/1 per question; confidence: stated confidence in [0, 1] (0 where unparseable).
     ECE uses 10 equal-width bins (0 falls in the first, 1 in the last). SPR is strict: over all
@@ -427,7 +434,7 @@ def calibration_metrics(correct, confidence):
     c = torch.as_tensor(confidence, dtype=torch.float64)
     n = len(y)
     assert n == len(c) and n > 0, "calibration_metrics needs equally long, non-empty inputs"
-    bins = (c * 10 + 1e-9).floor().clamp(0, 9).long()  # + 1e-9: 0.3 * 10 lands in bin 3, not 2
+    bins = confidence_bin(c)
     ece = sum((bins == b).sum() / n * (c[bins == b].mean() - y[bins == b].mean()).abs()
               for b in range(10) if (bins == b).any())
     pos, neg = c[y == 1], c[y == 0]

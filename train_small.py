@@ -281,7 +281,7 @@ def reliability_diagram(results, path):
     for ax, (name, (m, records)) in zip(axes[0], results.items()):
         conf = torch.tensor([r["confidence"] or 0.0 for r in records], dtype=torch.float64)
         corr = torch.tensor([float(r["correct"]) for r in records], dtype=torch.float64)
-        bins = (conf * 10 + 1e-9).floor().clamp(0, 9).long()
+        bins = caopd.confidence_bin(conf)  # the bins of ECE
         for b in range(10):
             sel = bins == b
             if sel.any():
