@@ -8,7 +8,7 @@ certainty: its stated `Confidence:` goes to 1.0 whether it is right or not. CaOP
 one thing, the confidence target:
 
   1. For each prompt, sample K completions from the student.            -> sample()
-  2. Verify each one; P_acc = (number correct) / K.                      -> verify(), empirical_confidence()
+  2. Verify each one; P_acc = (number correct) / K.                      -> VERIFIERS, empirical_confidence()
   3. Put P_acc where the confidence goes, in three places:               -> with_empirical_confidence()
        a. the student completion's `Confidence:` line,
        b. the confidence of the teacher's demonstrated solution,
@@ -20,6 +20,8 @@ Without step 3 this file is plain OPD. The file reads top to bottom in that orde
 tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence ->
 teacher context -> loss -> metrics. train_small.py is the script that runs it.
 """
+import inspect
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -136,24 +138,80 @@ def prefill(model, prompts, length):
     # index_select, not h[rows]: advanced indexing is ~10x slower on CPU for these whole-row copies
     return h.index_select(0, rows), [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]  # (B, C), (B, nh, length, hs) per layer
 
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, use_cache=True, generator=None):
-    """prompts: list of token lists, all of one length (the toy pads its questions so they are).
-    Returns one token list per prompt: the completion, ending in end_id unless it ran out of
-    max_new_tokens. temperature 0 is greedy. use_cache=False re-runs the full forward every
-    step; it exists to test and benchmark the cache, never to train with."""
-    assert len({len(p) for p in prompts}) == 1, "sample() takes prompts of equal length"
-    device = model.wte.weight.device
-    idx = torch.tensor(prompts, device=device)  # (B, Tp)
-    B, Tp = idx.shape
+def hidden_states(model, idx):
+    """Final hidden states (B, T, C) of our GPT or of a Hugging Face causal LM (its base model, so
+    no (B, T, V) logits are formed). With output_weight() they give the logits: h @ W.T."""
+    return model(idx) if isinstance(model, GPT) else model.base_model(input_ids=idx).last_hidden_state
+
+def output_weight(model):
+    """The output projection (V, C): our tied wte, or a Hugging Face model's lm_head (tied or not)."""
+    return model.lm_head if isinstance(model, GPT) else model.get_output_embeddings().weight
+
+def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
+    """Logits of the next token, step by step: decode(None) for the first, decode(tokens (B,)) after."""
+    assert len({len(p) for p in prompts}) == 1, "our GPT samples prompts of one length (the toy pads its questions)"
+    idx = torch.tensor(prompts, device=model.wte.weight.device)  # (B, Tp)
+    Tp, state = idx.shape[1], {"t": 0}
     if use_cache:
-        h, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
+        h0, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
+
+    def decode(nxt):
+        nonlocal idx
+        if nxt is None:
+            h = h0 if use_cache else model(idx)[:, -1]
+        elif use_cache:
+            h = model(nxt[:, None], cache, Tp + state["t"])[:, -1]
+            state["t"] += 1
+        else:  # the whole sequence again: for tests and the benchmark, never for training
+            idx = torch.cat([idx, nxt[:, None]], 1)
+            h = model(idx)[:, -1]
+        return h @ model.lm_head.T
+    return decode
+
+def _hf_decoder(model, prompts, pad_id):
+    """The same for a Hugging Face causal LM and its own KV cache. Prompts of several lengths are
+    left-padded: the attention mask hides the padding, the position ids start at each prompt's start."""
+    device, T = model.get_output_embeddings().weight.device, max(map(len, prompts))
+    idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past = {}
+
+    def decode(nxt):
+        nonlocal mask, pos, past
+        if nxt is None:
+            out = model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        else:
+            mask, pos = torch.cat([mask, mask.new_ones(len(mask), 1)], 1), pos[:, -1:] + 1
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                        logits_to_keep=1, **past)
+        past = {name: out[name]}
+        return out.logits[:, -1].float()
+    return decode
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, generator=None, rows=None,
+           use_cache=True):
+    """Sample a completion for each prompt (a list of token lists) from our GPT or a Hugging Face
+    causal LM, with a KV cache. Returns one token list per prompt: the completion, ending in end_id
+    unless it ran out of max_new_tokens. temperature 0 is greedy.
+    rows = (first, total): these prompts are rows first .. first + B - 1 of a batch of `total`
+    split across data-parallel processes. Each step draws one uniform per row of the whole batch
+    from `generator` and keeps its own: a row's sample never depends on how the batch was split.
+    use_cache=False (our GPT) re-runs the full forward every step: to test and benchmark the cache."""
+    B = len(prompts)
+    first, total = rows or (0, B)
+    if isinstance(model, GPT):
+        decode = _gpt_decoder(model, prompts, max_new_tokens, use_cache)
     else:
-        h = model(idx)[:, -1]
+        decode = _hf_decoder(model, prompts, end_id)
+    logits = decode(None)
+    device = logits.device
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logits = h @ model.lm_head.T  # (B, V)
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
@@ -164,17 +222,15 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, use
             # inverse-CDF sampling, one uniform per row: torch.multinomial draws an exponential per
             # vocabulary entry: ~1.5 ms of a ~10 ms decode step at B = 128, V = 331 on one CPU thread
             cdf = F.softmax(logits, -1).cumsum_(-1)
-            u = torch.rand(B, 1, device=device, generator=generator) * cdf[:, -1:]
+            u = torch.rand(total, 1, generator=generator, device=generator.device if generator else "cpu")
+            u = u[first:first + B].to(device) * cdf[:, -1:]
             nxt = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
         nxt = nxt.masked_fill(done, end_id)  # finished rows keep emitting END (cut off below)
         out = torch.cat([out, nxt[:, None]], 1)
         done |= nxt == end_id
         if done.all() or t == max_new_tokens - 1:
             break
-        if use_cache:
-            h = model(nxt[:, None], cache, Tp + t)[:, -1]
-        else:
-            h = model(torch.cat([idx, out], 1))[:, -1]
+        logits = decode(nxt)
     completions = []
     for row in out.tolist():
         completions.append(row[:row.index(end_id) + 1] if end_id in row else row)
@@ -183,24 +239,69 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, use
 # -----------------------------------------------------------------------------
 # Verifier and confidence parser (pure functions, shared by training and evaluation)
 
-CONFIDENCE = re.compile(r"Confidence:\s*([0-9]*\.?[0-9]+)\s*(%?)")
+CONFIDENCE = re.compile(r"Confidence:\s*(-?[0-9]*\.?[0-9]+)\s*(%?)")
 
-def parse_confidence(text):
-    """The last `Confidence: X` in text as a float in [0, 1], or None when there is none.
-    `85%` reads as 0.85; values outside [0, 1] are clipped."""
+def parse_confidence(text, clip=True):
+    """The stated confidence, one rule for training and evaluation: the number after the LAST
+    `Confidence:` in text; `85%` reads as 0.85; a value outside [0, 1] is clipped into it (clip=False
+    returns it as written, for counting). None when there is no `Confidence:` followed by a number
+    ("Confidence:" alone, "Confidence: high"): the metrics count that as 0 and in format_rate."""
     m = CONFIDENCE.findall(text)
     if not m:
         return None
     value, percent = m[-1]
-    return min(1.0, max(0.0, float(value) / (100 if percent else 1)))
+    value = float(value) / (100 if percent else 1)
+    return min(1.0, max(0.0, value)) if clip else value
 
 ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
-def verify(example, text):
-    """Toy task verifier: is the first integer after `Answer:` the right one? Never raises;
-    unparseable output is simply wrong."""
+def verify_arith(answer, text):
+    """Toy task verifier: is the first integer after `Answer:` (before `Confidence:`) the right
+    one? Never raises; unparseable output is simply wrong."""
     m = ANSWER.search(text.split("Confidence:")[0])
-    return m is not None and int(m.group(1)) == example["answer"]
+    return m is not None and int(m.group(1)) == answer
+
+# The paper's two tasks (their data: data/science/prepare.py, data/tooluse/prepare.py).
+# Science: a multiple-choice letter in the LAST <answer>...</answer> tag, case and whitespace
+# ignored. Tool use: the first `Action: name` and the JSON object after the `Action Input:` that
+# follows it, compared with the first golden call (key order ignored, value types not).
+ANSWER_TAG = re.compile(r"<answer>([^<]*)</answer>", re.IGNORECASE)
+ACTION = re.compile(r"Action:[ \t]*([^\n]*)")
+ACTION_INPUT = re.compile(r"Action[ _]Input:\s*(?:```(?:json)?\s*)?")  # a ```json fence is tolerated
+
+def verify_science(answer, text):
+    tags = ANSWER_TAG.findall(text)
+    return bool(tags) and len(tags[-1].strip()) == 1 and tags[-1].strip().upper() == answer.upper()
+
+def balanced_object(text, start):
+    """The {...} opening at text[start], braces counted outside JSON strings; None if it never closes."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:  # inside "...": only an unescaped quote ends it
+            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "{}":
+            depth += 1 if c == "{" else -1
+            if depth == 0:
+                return text[start:i + 1]
+    return None
+
+def verify_tooluse(answer, text):
+    action = ACTION.search(text)
+    inp = action and ACTION_INPUT.search(text, action.end())
+    body = inp and text.startswith("{", inp.end()) and balanced_object(text, inp.end())
+    if not body:
+        return False
+    try:
+        call = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON; absurdly deep nesting
+        return False
+    return action.group(1).strip() == answer["action"] and \
+        json.dumps(call, sort_keys=True) == json.dumps(answer["action_input"], sort_keys=True)
+
+VERIFIERS = {"arith": verify_arith, "science": verify_science, "tooluse": verify_tooluse}
 
 # -----------------------------------------------------------------------------
 # Empirical confidence: CaOPD's one change
@@ -258,11 +359,11 @@ def completion_hidden(model, prompts, completions):
     """Run the model on each prompt + completion and return the hidden states that predict the
     completion tokens, (B, L, C), with the completions' lengths. h[i, j] is the state after
     prompts[i] + completions[i][:j]; it predicts completions[i][j].
-    When the prompts are of one length (the toy's are), they go through prefill(): the K rollouts
-    of a question share one run of its prompt."""
-    device = model.wte.weight.device
+    When our GPT gets prompts of one length (the toy's are), they go through prefill(): the K
+    rollouts of a question share one run of its prompt."""
+    device = output_weight(model).device
     L = max(map(len, completions))
-    if len({len(p) for p in prompts}) == 1:
+    if isinstance(model, GPT) and len({len(p) for p in prompts}) == 1:
         Tp = len(prompts[0])
         h0, cache = prefill(model, prompts, Tp + L - 1)  # h0 (B, C) predicts token 0
         x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=device)  # (B, L - 1)
@@ -271,7 +372,7 @@ def completion_hidden(model, prompts, completions):
     seqs = [p + c[:-1] for p, c in zip(prompts, completions)]  # prompts of several lengths: right-pad
     T = max(map(len, seqs))
     x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
-    h = model(x)  # (B, T, C)
+    h = hidden_states(model, x)  # (B, T, C); right padding needs no mask: causal attention never looks ahead
     start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the state that predicts token 0
     pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
     return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]

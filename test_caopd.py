@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import caopd
-from data import arith
+from data import arith, tasks
+from data.science import prepare as science
+from data.tooluse import prepare as tooluse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENC = caopd.toy_tokenizer(arith.VOCAB_TEXT)
@@ -267,15 +269,21 @@ def test_completion_hidden_predicts_each_completion_token():
     ("\x00\xff garbage Answer", False),
 ])
 def test_verifier_on_malformed_output(text, ok):
-    assert caopd.verify(EX, text) is ok
+    assert caopd.verify_arith(EX["answer"], text) is ok
 
 @pytest.mark.parametrize("text,value", [
     ("Answer: 3", None), ("Answer: 3\nConfidence:", None), ("Confidence: high", None),
     ("Confidence: 0.7", 0.7), ("Confidence: 0.2\nConfidence: 0.9", 0.9), ("Confidence: 1.7", 1.0),
-    ("Confidence: 85%", 0.85), ("Confidence: .5", 0.5), ("Confidence:0.30", 0.3),
+    ("Confidence: 85%", 0.85), ("Confidence: .5", 0.5), ("Confidence:0.30", 0.3), ("Confidence: -0.3", 0.0),
+    ("Confidence: 0.4 Confidence: garbage", 0.4), ("Confidence: 120%", 1.0),
 ])
 def test_parse_confidence(text, value):
     assert caopd.parse_confidence(text) == value
+
+def test_out_of_range_confidence_is_clipped_and_counted():
+    assert caopd.parse_confidence("Confidence: 1.7", clip=False) == 1.7
+    assert caopd.parse_confidence("Confidence: -0.3", clip=False) == -0.3
+    assert caopd.parse_confidence("Confidence: 0.3", clip=False) == 0.3
 
 def test_split_is_deterministic_and_held_out():
     held, sample_train = arith.split(3, 200)
@@ -284,6 +292,235 @@ def test_split_is_deterministic_and_held_out():
     ids = {e["id"] for e in held}
     assert not ids & {e["id"] for e in sample_train(random.Random(0), 2000)}
     assert len({len(ENC.encode(caopd.student_prompt(e["question"]))) for e in held}) == 1  # one batch
+
+# -----------------------------------------------------------------------------
+# the paper's two tasks: release converters, verifiers, the row loader
+
+
+SYSTEM = (  # the release's system message, verbatim
+    '\nGiven a question and four options, please select the right answer. Respond in the following '
+    'format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n\nFor the answer, only output '
+    'the letter corresponding to the correct option (A, B, C, or D), and nothing else. Do not restate '
+    'the answer text. For example, if the answer is "A", just output:\n<answer>\nA\n</answer>\n')
+QUESTION = ("What is the molar weight (g/mol) of the molecule with the canonical SMILES representation "
+            "'CCO'?\n\nA: 44.053\nB: 46.069\nC: 32.042\nD: 60.052")
+DEMO = "<reasoning>\nCCO is ethanol, C2H6O: 46.069 g/mol.\n</reasoning>\n<answer>\nB\n</answer>"
+CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+ASKED = [CHAT[0], {"role": "user", "content": QUESTION + science.ASK_CONFIDENCE}]  # our rows ask for a confidence
+
+TOOL_PROMPT = ("Your task is to answer the user's question using available tools. \nYou have access to the "
+               "following tools:\nName: WeatherNow\nDescription: Weather\nDocumentation:\ngetForecast: ...\n\n"
+               "Use the following format:\nThought: ...\nAction: ...\nAction Input: ...\n\nBegin!\n"
+               "Question: A 3-day forecast for Denver?")
+TOOL_ROW = {"prompt": TOOL_PROMPT, "name": "WeatherNow", "description": "Weather",
+            "nl_documentation": "getForecast: ...\n", "instruction": "A 3-day forecast for Denver?",
+            "golden_answer": [{"Action": "getForecast", "Action_Input": '{"city": "Denver", "days": 3}'},
+                              {"Action": "getCurrentWeather", "Action_Input": '{"city": "Denver"}'}],
+            "golden_response": ["Thought: a forecast.\nAction: getForecast\nAction Input: {\"city\": \"Denver\", \"days\": 3}",
+                                "Thought: and now.\nAction: getCurrentWeather\nAction Input: {\"city\": \"Denver\"}"]}
+
+# ----------------------------------------------------------------------------
+# science converters
+
+def test_science_train_row():
+    row = {"messages": CHAT, "output_text": DEMO}
+    assert science.convert_train_row(row, 4) == {"id": "train-4", "messages": ASKED, "answer": "B", "reference": DEMO}
+
+def test_science_train_row_drops_assistant_turn_and_reads_last_tag():
+    demo = "<answer>A</answer> on second thought\n<answer>\n c \n</answer>"
+    row = {"messages": CHAT + [{"role": "assistant", "content": demo}], "output_text": demo}
+    got = science.convert_train_row(row, 0)
+    assert got["messages"] == ASKED and got["answer"] == "C" and got["reference"] == demo
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": CHAT, "output_text": "<reasoning>no tag</reasoning>"}, "science train row 7: no <answer>"),
+    ({"messages": CHAT, "output_text": "<answer>AB</answer>"}, "science train row 7: no <answer>"),
+    ({"messages": CHAT}, "science train row 7: missing or non-string field 'output_text'"),
+    ({"output_text": DEMO}, "science train row 7: missing field 'messages'"),
+    ({"messages": [CHAT[0]], "output_text": DEMO}, "science train row 7: 'messages': no user message"),
+])
+def test_science_train_row_errors(row, message):
+    with pytest.raises(ValueError, match=message):
+        science.convert_train_row(row, 7)
+
+def test_science_eval_row():
+    assert science.convert_eval_row({"prompt": CHAT, "answer": "D"}, 12) == {
+        "id": "eval-12", "messages": ASKED, "answer": "D", "reference": "<answer>D</answer>"}
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": CHAT}, "science eval row 3: field 'answer'"),
+    ({"prompt": CHAT, "answer": "AB"}, "science eval row 3: field 'answer'"),
+    ({"answer": "A"}, "science eval row 3: missing field 'prompt'"),
+    ({"prompt": [{"role": "user"}], "answer": "A"}, r"science eval row 3: 'prompt'\[0\]"),
+])
+def test_science_eval_row_errors(row, message):
+    with pytest.raises(ValueError, match=message):
+        science.convert_eval_row(row, 3)
+
+# ----------------------------------------------------------------------------
+# tool-use converter
+
+def test_tooluse_train_row_first_call_and_joined_response():
+    assert tooluse.convert_row(TOOL_ROW, 5, "train") == {
+        "id": "train-5", "messages": [{"role": "user", "content": tooluse.ask_confidence(TOOL_PROMPT)}],
+        "answer": {"action": "getForecast", "action_input": {"city": "Denver", "days": 3}},
+        "reference": "\n".join(TOOL_ROW["golden_response"])}
+
+def test_tooluse_confidence_line_goes_into_the_format_block():
+    content = tooluse.ask_confidence(TOOL_PROMPT)
+    assert "Action Input: ...\nConfidence: your confidence, from 0.00 to 1.00" in content
+    assert content.endswith("\n\nBegin!\nQuestion: A 3-day forecast for Denver?")
+
+def test_tooluse_eval_row_without_response():
+    row = {k: v for k, v in TOOL_ROW.items() if k != "golden_response"}
+    got = tooluse.convert_row(row, 0, "eval")
+    assert got["id"] == "eval-0"
+    assert got["reference"] == 'Action: getForecast\nAction Input: {"city": "Denver", "days": 3}'
+    assert caopd.verify_tooluse(got["answer"], got["reference"])
+
+@pytest.mark.parametrize("change, message", [
+    ({"golden_response": None}, "tooluse train row 9: missing field 'golden_response'"),
+    ({"prompt": None}, "tooluse train row 9: missing or empty field 'prompt'"),
+    ({"golden_answer": []}, "tooluse train row 9: field 'golden_answer'"),
+    ({"golden_answer": [{"Action": "", "Action_Input": "{}"}]}, r"tooluse train row 9: golden_answer\[0\] has no 'Action'"),
+    ({"golden_answer": [{"Action": "f", "Action_Input": "{city: Paris}"}]}, "tooluse train row 9: .*'Action_Input'.* not JSON"),
+    ({"golden_answer": [{"Action": "f", "Action_Input": "[1]"}]}, "tooluse train row 9: .*not a JSON object"),
+])
+def test_tooluse_row_errors(change, message):
+    row = {k: v for k, v in {**TOOL_ROW, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        tooluse.convert_row(row, 9, "train")
+
+def test_download_release_is_pinned(monkeypatch, tmp_path):
+    urls = []
+    monkeypatch.setattr(science.urllib.request, "urlretrieve", lambda url, dst: urls.append(url))
+    science.download_release(str(tmp_path / "science_data"))
+    assert len(urls) == 6 and all(science.COMMIT in u and "/data/science_data/" in u for u in urls)
+
+def test_write_jsonl_atomic(tmp_path):
+    path = str(tmp_path / "out.jsonl")
+    rows = [tooluse.convert_row(TOOL_ROW, 0, "train")]
+    tooluse.write_jsonl_atomic(path, rows)
+    assert os.listdir(tmp_path) == ["out.jsonl"] and tasks.load_rows(path, "tooluse") == rows
+
+# ----------------------------------------------------------------------------
+# verify_science
+
+@pytest.mark.parametrize("text, ok", [
+    (DEMO, True),
+    ("<answer>B</answer>", True),
+    ("<ANSWER> b </answer>", True),
+    ("<answer>\nB\n</answer>\nConfidence: 0.80", True),
+    ("<answer>A</answer> no wait <answer>B</answer>", True),   # the last tag counts
+    ("<answer>B</answer> no wait <answer>A</answer>", False),
+    ("<answer>B</answer> then <answer>A", True),              # an unclosed tag is no tag
+    ("<answer>A</answer>", False),
+    ("<answer>B or C</answer>", False),                        # one letter only
+    ("<answer>46.069</answer>", False),
+    ("<answer></answer>", False),
+    ("The answer is B.", False),
+    ("", False),
+])
+def test_verify_science(text, ok):
+    assert caopd.verify_science("B", text) is ok
+
+# ----------------------------------------------------------------------------
+# verify_tooluse
+
+WANT = {"action": "searchBooks", "action_input": {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}}
+
+@pytest.mark.parametrize("text, ok", [
+    ('Thought: search.\nAction: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}\nConfidence: 0.7', True),
+    ('Action: searchBooks\nAction Input: {"limit": 3, "filters": {"language": "fr"}, "query": "chemistry"}', True),   # key order
+    ('Action:  searchBooks  \nAction Input:\n```json\n{"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}\n```', True),
+    ('Action: searchBooks\nAction_Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}', True),
+    ('Action: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}\n'
+     'Action: getBookByIsbn\nAction Input: {"isbn": "1"}', True),                                                     # first call counts
+    ('Action: getBookByIsbn\nAction Input: {"isbn": "1"}\n'
+     'Action: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}', False),
+    ('Action: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "en"}, "limit": 3}', False),  # nested value
+    ('Action: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": "3"}', False),  # type
+    ('Action: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}}', False),              # missing key
+    ('Action: search_books\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}', False),
+    ('Action: searchBooks\nConfidence: 0.9', False),                                                                  # no Action Input
+    ('Action Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3}\nAction: searchBooks', False),  # input before action
+    ('Action: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3,}', False),  # invalid JSON
+    ('Action: searchBooks\nAction Input: {"query": "chemistry", "filters": {"language": "fr"}, "limit": 3', False),   # never closes
+    ('Action: searchBooks\nAction Input: query=chemistry {"limit": 3}', False),                                       # not an object
+    ("", False),
+])
+def test_verify_tooluse(text, ok):
+    assert caopd.verify_tooluse(WANT, text) is ok
+
+def test_verify_tooluse_braces_and_quotes_inside_strings():
+    want = {"action": "searchBooks", "action_input": {"query": '"{curly} brackets}" in C', "limit": 3}}
+    text = 'Action: searchBooks\nAction Input: {"query": "\\"{curly} brackets}\\" in C", "limit": 3}\nConfidence: 0.4'
+    assert caopd.verify_tooluse(want, text)
+    assert not caopd.verify_tooluse(want, text.replace("in C", "in D"))
+
+def test_verify_tooluse_never_raises_on_deep_nesting():
+    assert caopd.verify_tooluse({"action": "f", "action_input": {}}, "Action: f\nAction Input: " + "{" * 5000 + "}" * 5000) is False
+    assert caopd.verify_tooluse({"action": "f", "action_input": {}}, "Action: f\nAction Input: {}") is True
+
+# ----------------------------------------------------------------------------
+# load_task_rows
+
+SCIENCE_ROW = {"id": "x", "messages": CHAT, "answer": "B", "reference": DEMO}
+TOOL_OK = {"id": "x", "messages": [{"role": "user", "content": "q"}],
+           "answer": {"action": "f", "action_input": {}}, "reference": "Action: f\nAction Input: {}"}
+
+def write(tmp_path, *lines):
+    path = str(tmp_path / "rows.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+def test_load_rows_skips_blank_lines(tmp_path):
+    path = write(tmp_path, "", json.dumps(SCIENCE_ROW), "  ", json.dumps({**SCIENCE_ROW, "id": "y"}))
+    assert [r["id"] for r in tasks.load_rows(path, "science")] == ["x", "y"]
+
+def test_load_rows_missing_and_empty(tmp_path):
+    with pytest.raises(ValueError, match=r"nope\.jsonl: no such file"):
+        tasks.load_rows(str(tmp_path / "nope.jsonl"), "science")
+    path = write(tmp_path, "", "  ")
+    with pytest.raises(ValueError, match=r"rows\.jsonl: empty file"):
+        tasks.load_rows(path, "science")
+
+@pytest.mark.parametrize("task, bad, message", [
+    ("science", "{not json", "malformed JSON"),
+    ("science", json.dumps([SCIENCE_ROW]), "a row must be a JSON object"),
+    ("science", json.dumps({k: v for k, v in SCIENCE_ROW.items() if k != "reference"}), "missing field 'reference'"),
+    ("science", json.dumps({**SCIENCE_ROW, "id": 3}), "'id' must be a non-empty string"),
+    ("science", json.dumps({**SCIENCE_ROW, "messages": "hi"}), "'messages' must be a non-empty list"),
+    ("science", json.dumps({**SCIENCE_ROW, "messages": CHAT + [{"role": "assistant", "content": "B"}]}), r"messages\[2\] must be"),
+    ("science", json.dumps({**SCIENCE_ROW, "messages": [{"role": "user", "content": 5}]}), r"messages\[0\] must be"),
+    ("science", json.dumps({**SCIENCE_ROW, "messages": [CHAT[0]]}), "'messages' has no user message"),
+    ("science", json.dumps({**SCIENCE_ROW, "answer": "b"}), "'answer' must be one uppercase letter"),
+    ("science", json.dumps({**SCIENCE_ROW, "answer": "AB"}), "'answer' must be one uppercase letter"),
+    ("science", json.dumps({**SCIENCE_ROW, "reference": None}), "'reference' must be a string"),
+    ("science", json.dumps(SCIENCE_ROW), "duplicate id 'x' \\(first on line 1\\)"),
+    ("tooluse", json.dumps({**TOOL_OK, "answer": {"action": "f", "action_input": "{}"}}), "'answer' must be"),
+    ("tooluse", json.dumps({**TOOL_OK, "answer": {"action_input": {}}}), "'answer' must be"),
+    ("tooluse", json.dumps({**TOOL_OK, "answer": "f"}), "'answer' must be"),
+])
+def test_load_rows_errors_name_file_and_line(tmp_path, task, bad, message):
+    first = json.dumps(SCIENCE_ROW if task == "science" else TOOL_OK)
+    path = write(tmp_path, first, "", bad)  # the bad row is on line 3
+    with pytest.raises(ValueError, match=f"rows\\.jsonl:3: {message}"):
+        tasks.load_rows(path, task)
+
+# ----------------------------------------------------------------------------
+# fixtures: small real-format files for tests that train a few steps
+
+@pytest.mark.parametrize("task, verify", [("science", caopd.verify_science), ("tooluse", caopd.verify_tooluse)])
+def test_fixture_loads_and_its_references_verify(task, verify):
+    folder = os.path.dirname(os.path.abspath((science if task == "science" else tooluse).__file__))
+    rows = tasks.load_rows(os.path.join(folder, "fixture.jsonl"), task)
+    assert len(rows) == 12
+    assert task == "tooluse" or all(r["messages"][0] == {"role": "system", "content": SYSTEM} for r in rows)
+    assert all(verify(r["answer"], r["reference"]) for r in rows)
+    assert not any(verify(r["answer"], rows[(i + 1) % 12]["reference"]) for i, r in enumerate(rows)
+                   if r["answer"] != rows[(i + 1) % 12]["answer"])
 
 # -----------------------------------------------------------------------------
 # the script: bad settings, and one end-to-end smoke run
@@ -309,16 +546,34 @@ def test_out_dir_that_is_a_file(tmp_path):
     r = _run(f"--out_dir={f}", "--smoke=True")
     assert r.returncode == 2 and "is a file" in r.stderr and f.read_text() == "x"
 
+def test_conflicting_and_indivisible_settings(tmp_path):
+    r = _run("--task=science", f"--out_dir={tmp_path / 'a'}")
+    assert r.returncode == 2 and "--task='science'" in r.stderr and "--init_from" in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), "--prompts_per_step=3",
+                        f"--out_dir={tmp_path / 'b'}"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "RANK": "0", "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "--prompts_per_step=3: must be divisible by the 2 processes" in r.stderr
+    r = _run("--init_from=resume", "--K=3", f"--out_dir={tmp_path / 'c'}")
+    assert r.returncode == 2 and "drop --K" in r.stderr
+    r = _run("--init_from=resume", f"--out_dir={tmp_path / 'c'}")
+    assert r.returncode == 2 and "no checkpoint to resume from" in r.stderr
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+def test_unwritable_out_dir_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _run(f"--out_dir={tmp_path / 'file' / 'out'}", "--smoke=True")
+    assert r.returncode == 2 and "cannot be created" in r.stderr and r.stdout.count("\n") <= 2
+
 def test_smoke_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     r = _run("--smoke=True", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"config", "seconds", "models"}
+    assert set(res) == {"config", "seconds", "models", "skipped_updates"} and res["skipped_updates"] == {"opd": 0, "caopd": 0}
     assert res["config"]["smoke"] is True and res["config"]["K"] == 4
     assert set(res["seconds"]) >= {"base", "opd", "caopd", "eval", "total"}
     assert set(res["models"]) == {"base", "opd", "caopd"}
-    keys = {"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "n", "format_rate"}
+    keys = {"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "n", "format_rate", "clipped_rate"}
     for m in res["models"].values():
         assert set(m) == keys and m["n"] == 64
     lines = (out / "completions.jsonl").read_text().splitlines()
@@ -329,3 +584,211 @@ def test_smoke_run_end_to_end(tmp_path):
     r2 = _run("--smoke=True", f"--out_dir={out}", "--method=caopd")
     assert r2.returncode == 0 and "reusing base model" in r2.stdout
     assert set(json.loads((out / "results.json").read_text())["models"]) == {"base", "caopd"}
+
+# -----------------------------------------------------------------------------
+# runs that survive: determinism, resume after SIGKILL, corrupt checkpoints, non-finite steps
+
+RUN = ("--smoke=True", "--steps=24", "--ckpt_every=4", "--n_eval=32")
+
+def _without_seconds(out):
+    res = json.loads((out / "results.json").read_text())
+    del res["seconds"]
+    return res
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted run; tests compare other runs with the same seed against it."""
+    where = tmp_path_factory.mktemp("reference")
+    r = _run(*RUN, "--out_dir=out", cwd=where)  # the same command in another folder: the same results
+    assert r.returncode == 0, r.stderr[-2000:]
+    return where / "out"
+
+def test_same_seed_gives_identical_results_and_completions(reference_run, tmp_path):
+    r = _run(*RUN, "--out_dir=out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "out"
+    assert _without_seconds(out) == _without_seconds(reference_run)
+    assert (out / "results.json").read_text().split('"seconds"')[0] == \
+        (reference_run / "results.json").read_text().split('"seconds"')[0]  # byte for byte, timings aside
+    assert (out / "completions.jsonl").read_bytes() == (reference_run / "completions.jsonl").read_bytes()
+
+def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in reference_run.glob("base-*.pt"):  # the cached base: stage 0 is tested elsewhere
+        (out / f.name).write_bytes(f.read_bytes())
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *RUN, "--out_dir=out"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if "checkpoint: opd step 8" in line:
+            p.kill()  # SIGKILL: no cleanup, no final checkpoint
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -9
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["stage"] in ("opd", "caopd") and ck["step"] < 24
+    assert not (out / "results.json").exists()
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as left by a kill in the middle of a write
+    r = _run("--init_from=resume", "--out_dir=out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {ck['stage']} at step {ck['step']}" in r.stdout
+    assert _without_seconds(out) == _without_seconds(reference_run)
+    assert (out / "completions.jsonl").read_bytes() == (reference_run / "completions.jsonl").read_bytes()
+
+def test_truncated_or_corrupt_checkpoint_is_named(reference_run, tmp_path):
+    data = (reference_run / "ckpt.pt").read_bytes()
+    for bad in (data[:len(data) // 2], b"not a checkpoint at all"):
+        (tmp_path / "ckpt.pt").write_bytes(bad)
+        r = _run("--init_from=resume", f"--out_dir={tmp_path}")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+        assert "ckpt.pt: the checkpoint is truncated or corrupt" in r.stderr
+
+def _nan_on(calls, monkeypatch):
+    """Make caopd.fused_linear_kl return NaN on the given (0-based) calls."""
+    real, n = caopd.fused_linear_kl, [0]
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        n[0] += 1
+        return out * float("nan") if n[0] - 1 in calls else out
+    monkeypatch.setattr(caopd, "fused_linear_kl", flaky)
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    import importlib
+    import train_small
+    ts = importlib.reload(train_small)  # fresh settings
+    _nan_on({1}, monkeypatch)
+    ts.main(["--smoke=True", "--method=opd", "--steps=3", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "warning: opd step 1: non-finite loss, update skipped (1 in a row, 1 in this stage)" in out
+    assert json.loads((tmp_path / "results.json").read_text())["skipped_updates"] == {"opd": 1}
+
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
+    import importlib
+    import train_small
+    ts = importlib.reload(train_small)
+    _nan_on(set(range(100)), monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        ts.main(["--smoke=True", "--method=opd", "--steps=10", "--max_bad_steps=3", f"--out_dir={tmp_path}"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "opd step 2: 3 non-finite steps in a row (--max_bad_steps=3)" in err and "ckpt.pt" in err
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # the last good checkpoint (step 2)
+    assert ck["stage"] == "opd" and ck["step"] == 2 and ck["bad_steps"] == 2
+    assert not (tmp_path / "results.json").exists()
+
+# -----------------------------------------------------------------------------
+# real models: a tiny Qwen-style model and a BPE tokenizer with a chat template, built here
+# (no download), through train_small.py and back out as a Hugging Face model
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+def _tiny_hf(path, chat_template=CHATML):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+    text = [line for task in ("science", "tooluse") for line in open(os.path.join(HERE, "data", task, "fixture.jsonl"))]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(text + ["Confidence: 0.75 Answer: 0123"], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=chat_template)
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen")
+    assert 50_000 < _tiny_hf(path) < 1_000_000
+    return path
+
+HF_RUN = ("--smoke=True", "--steps=2", "--ckpt_every=1", "--max_new_tokens=12", "--n_eval=6", "--K=2")
+
+def test_hf_model_science_both_methods_and_export(tiny_hf, tmp_path):
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    r = _run(f"--init_from={tiny_hf}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}", *HF_RUN,
+             f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no chat template" not in r.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["models"]) == {"base", "opd", "caopd"} and res["models"]["base"]["n"] == 6
+    assert "base" not in res["seconds"] or res["seconds"]["base"] < 5  # a pretrained model is the base
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for folder in ("hf", "hf-opd"):
+        assert (tmp_path / folder / "model.safetensors").exists()
+        model, tok = AutoModelForCausalLM.from_pretrained(tmp_path / folder), AutoTokenizer.from_pretrained(tmp_path / folder)
+        ids = tok.apply_chat_template([{"role": "user", "content": "Which element is Na?"}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 5 or out[0, -1] == tok.eos_token_id
+    caopd_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    trained = torch.load(tmp_path / "caopd.pt", weights_only=True)["model"]
+    torch.testing.assert_close(caopd_model.state_dict()["model.norm.weight"], trained["model.norm.weight"])
+    completions = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 18 and all(isinstance(c["answer"], str) for c in completions)
+
+def test_hf_model_plain_text_tooluse_and_arith(tmp_path):
+    path = tmp_path / "plain"
+    _tiny_hf(path, chat_template=None)
+    fixture = os.path.join(HERE, "data", "tooluse", "fixture.jsonl")
+    r = _run(f"--init_from={path}", "--task=tooluse", f"--data={fixture}", f"--eval_data={fixture}", *HF_RUN,
+             "--method=caopd", f"--out_dir={tmp_path / 'tool'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("no chat template, prompts are plain text") == 1
+    r = _run(f"--init_from={path}", "--task=arith", *HF_RUN, "--method=opd", f"--out_dir={tmp_path / 'arith'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "arith" / "results.json").read_text())["models"]["opd"]["n"] == 6
+
+def test_hf_sampler_matches_a_full_forward_with_left_padding(tiny_hf):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]  # two lengths: the second is left-padded
+    out = caopd.sample(model, prompts, 6, end_id=2, temperature=0)
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        for t in o:  # greedy, one token at a time, no cache, no padding
+            assert model(torch.tensor([seq])).logits[0, -1].argmax().item() == t
+            seq.append(t)
+
+@pytest.mark.parametrize("args,words", [
+    (("--init_from=/no/such/model",), "is neither 'scratch', 'resume' nor a loadable"),
+    (("--task=tooluse",), "data/tooluse/train.jsonl: no such file (python data/tooluse/prepare.py writes it)"),
+    (("--task=science", "--data=/no/such.jsonl"), "/no/such.jsonl: no such file"),
+])
+def test_hf_bad_input(tiny_hf, tmp_path, args, words):
+    if "--init_from" not in args[0]:
+        args = (f"--init_from={tiny_hf}",) + args
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *args, f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+
+# -----------------------------------------------------------------------------
+# several processes: torchrun with gloo on CPU
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = ("--smoke=True", "--method=caopd", "--steps=2", "--n_eval=8", "--prompts_per_step=4")
+    r = _run(*args, f"--out_dir={tmp_path / 'one'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "two").mkdir()
+    for f in (tmp_path / "one").glob("base-*.pt"):  # the same base (rank 0 would train the same one)
+        (tmp_path / "two" / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train_small.py"), *args, f"--out_dir={tmp_path / 'two'}"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    one = torch.load(tmp_path / "one" / "caopd.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "caopd.pt", weights_only=True)["model"]
+    base = torch.load(next((tmp_path / "one").glob("base-*.pt")), weights_only=True)["model"]
+    assert max((one[k] - base[k]).abs().max().item() for k in one) > 1e-4  # training moved the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["models"]["caopd"]["n"] == 8

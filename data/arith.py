@@ -13,7 +13,9 @@ fixed distance from the operand digits it depends on, which a small model learns
 The verifier compares integer values, so "Answer: 322" is right as well.
 
 An example: {"id": "017+305", "question": "Solve 017+305 and end with your confidence.",
-             "answer": 322, "reference": "Answer: 0322", "kind": "add"}
+             "messages": [{"role": "user", "content": <the question>}], "answer": 322,
+             "reference": "Answer: 0322", "kind": "add"}
+(messages is the question as a chat: the shape of every task's examples; see train_small.py)
 The student answers "Answer: 0322\nConfidence: 0.7"; caopd.verify checks the integer.
 """
 import random
@@ -30,8 +32,8 @@ def make_example(rng):
     a, b = _operand(rng, top), _operand(rng, top)
     answer = a + b if op == "+" else a * b
     q = QUESTION.format(a=a, op=op, b=b)
-    return {"id": f"{a:03d}{op}{b:03d}", "question": q, "answer": answer, "reference": f"Answer: {answer:04d}",
-            "kind": "add" if op == "+" else "mul"}
+    return {"id": f"{a:03d}{op}{b:03d}", "question": q, "messages": [{"role": "user", "content": q}],
+            "answer": answer, "reference": f"Answer: {answer:04d}", "kind": "add" if op == "+" else "mul"}
 
 def _operand(rng, max_digits):
     d = rng.randint(1, max_digits)
