@@ -15,6 +15,9 @@ Benchmarks for the two hot spots of caopd.py, on one CPU thread, float32.
    the cache (use_cache=False re-runs the whole sequence per token), and Hugging Face
    `generate` on a randomly initialised GPT-2 of the same size; interleaved, median of reps.
    The batch is training's: 16 distinct prompts x K=8 rollouts each.
+3. Rollouts of a Hugging Face model (Qwen3-style, random weights, 32k vocabulary): caopd.sample's
+   loop over the model's own KV cache against `generate`, greedy, prompts of several lengths
+   (left-padded); they must agree token for token.
 
 Prints markdown tables (for the README) and PASS/FAIL per target, and writes bench.json.
 
@@ -277,6 +280,59 @@ def bench_sampler(configs):
     return results
 
 # -----------------------------------------------------------------------------
+# rollouts of a Hugging Face model: caopd.sample (its own loop over the model's KV cache) vs generate
+
+def bench_hf_sampler(rows, K, new, reps):
+    """A randomly initialised Qwen3-style model (4 layers, d=256, V=32000; built from a config, no
+    download), `rows` // K distinct prompts of 48 to 80 tokens (left-padded), K rollouts each,
+    greedy on both sides so that they must produce the same tokens. Median seconds of `reps`."""
+    import transformers
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    torch.manual_seed(SEED)
+    cfg = Qwen3Config(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(SEED)
+    distinct = [torch.randint(3, 32000, (int(n),), generator=g).tolist()
+                for n in torch.randint(48, 81, (rows // K,), generator=g)]
+    prompts = [p for p in distinct for _ in range(K)]
+    end_id = 0  # a token the random model might emit: both stop at it alike
+    T = max(map(len, prompts))
+    idx = torch.tensor([[end_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    outs = {}
+
+    def ours():
+        outs["ours"] = caopd.sample(model, prompts, new, end_id, temperature=0)
+
+    @torch.no_grad()
+    def hf():
+        out = model.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=new, eos_token_id=end_id,
+                             pad_token_id=end_id)[:, T:].tolist()
+        outs["hf"] = [r[:r.index(end_id) + 1] if end_id in r else r for r in out]
+
+    times = {"ours": [], "hf": []}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for name, f in (("ours", ours), ("hf", hf)):  # interleaved
+            t0 = time.perf_counter()
+            f()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    n_tokens = sum(map(len, outs["ours"]))
+    same = sum(a == b for a, b in zip(outs["ours"], outs["hf"])) / rows
+    r = {"rows": rows, "K": K, "new_tokens": new, "reps": reps, "times_s": times, "tokens": n_tokens,
+         "same_completions": same, "ours_tok_s": n_tokens / statistics.median(times["ours"]),
+         "hf_tok_s": sum(map(len, outs["hf"])) / statistics.median(times["hf"])}
+    r["ours_vs_hf"] = r["ours_tok_s"] / r["hf_tok_s"]
+    print(f"  HF model rollouts, {rows} rows ({rows // K} prompts x K={K}), {new} new: caopd.sample "
+          f"{r['ours_tok_s']:.0f} tok/s, generate {r['hf_tok_s']:.0f} tok/s (x{r['ours_vs_hf']:.2f}); "
+          f"identical completions {same:.0%}", flush=True)
+    return r
+
+# -----------------------------------------------------------------------------
 # targets, report
 
 def check_targets(loss, sampler):
@@ -355,13 +411,18 @@ def main(args):
     configs = [(128, 8, 15, 12, 7)] + ([] if args.quick else [(128, 8, 64, 64, 3)])
     print("sampler benchmark: 1 thread, median of the repetitions", flush=True)
     sampler = bench_sampler(configs)
+    print("Hugging Face model rollouts: caopd.sample vs generate, 1 thread, greedy", flush=True)
+    hf = bench_hf_sampler(32 if args.quick else 64, 8, 16 if args.quick else 32, 3)
     targets = check_targets(loss, sampler)
     print()
     print(markdown(loss, sampler, targets))
+    print(f"\n| HF model rollouts (rows, new tokens) | caopd.sample tok/s | generate tok/s | ratio | identical completions |"
+          f"\n|---|---:|---:|---:|---:|\n| ({hf['rows']}, {hf['new_tokens']}) | {hf['ours_tok_s']:.0f} | "
+          f"{hf['hf_tok_s']:.0f} | {hf['ours_vs_hf']:.2f}x | {hf['same_completions']:.0%} |")
     elapsed = time.time() - t0
     print(f"\n{sum(t['pass'] for t in targets)}/{len(targets)} targets pass; took {elapsed:.0f} s")
     report = {"machine": machine_info(), "quick": args.quick, "elapsed_s": elapsed,
-              "loss": loss, "sampler": sampler, "targets": targets}
+              "loss": loss, "sampler": sampler, "hf_sampler": hf, "targets": targets}
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:  # write then rename: a reader never sees half a file
         json.dump(report, f, indent=1)
