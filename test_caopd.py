@@ -770,6 +770,19 @@ def test_hf_bad_input(tiny_hf, tmp_path, args, words):
                        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
 
+def test_hf_question_longer_than_the_context_is_skipped_and_counted(tiny_hf, tmp_path):
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    rows = [json.loads(line) for line in open(fixture)]
+    long = json.loads(json.dumps(rows[0]))
+    long["id"], long["messages"][1]["content"] = "too-long", long["messages"][1]["content"] * 40  # > 2048 tokens
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + [long] + rows[3:]))
+    r = _run(f"--init_from={tiny_hf}", "--task=science", f"--data={data}", f"--eval_data={fixture}", *HF_RUN,
+             "--method=opd", "--steps=1", f"--out_dir={tmp_path / 'out'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{data}: skipped 1 of 13 questions longer than the context (2048 tokens, with max_new_tokens=12); " \
+           "the first: too-long" in r.stdout
+
 # -----------------------------------------------------------------------------
 # several processes: torchrun with gloo on CPU
 
@@ -792,3 +805,94 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["models"]["caopd"]["n"] == 8
+
+# -----------------------------------------------------------------------------
+# experiments: the machinery of experiments.py (the science is in its runs, not here)
+
+def test_entropy_on_a_hand_case():
+    hidden = torch.tensor([[0.0, 0.0, math.log(2)], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    # logits = hidden @ I: p = (1/4, 1/4, 1/2) -> H = 2 * (1/4) ln 4 + (1/2) ln 2 = 1.5 ln 2; a uniform row -> ln 3
+    h = caopd.entropy(hidden, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(h, torch.tensor([1.5 * math.log(2), math.log(3)], dtype=torch.float64))
+
+def _enumerated(hs, ws, ht, wt, w):
+    """Every (position, token) pair as a row, weighted by the position's weight times p_s(token):
+    the sampled estimator on these rows IS its expectation over tokens y ~ p_s."""
+    N, V = len(hs), len(ws)
+    p = torch.softmax(hs @ ws.T, -1).detach()  # (N, V)
+    rows, toks = torch.arange(N).repeat_interleave(V), torch.arange(V).repeat(N)
+    return hs[rows], ht[rows], w[rows] * p[rows, toks], toks
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_sampled_estimators_are_unbiased_by_exact_enumeration(baseline):
+    hs, ws, ht, wt = _case(N=5, d_s=4, d_t=3, V=9, seed=1)
+    hs, ws, ht, wt = (t.double() for t in (hs, ws, ht, wt))
+    hs.requires_grad_(True), ws.requires_grad_(True)
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0], dtype=torch.float64)
+    full = caopd.fused_linear_kl(hs, ws, ht, wt, w)
+    g_full = torch.autograd.grad(full, (hs, ws))
+    h_rows, t_rows, w_rows, toks = _enumerated(hs, ws, ht, wt, w)
+    est = caopd.sampled_kl(h_rows, ws, t_rows, wt, w_rows, toks, baseline=baseline)
+    g_est = torch.autograd.grad(est, (hs, ws))
+    torch.testing.assert_close(est, full, rtol=1e-10, atol=1e-12)  # E[-r] = KL
+    for a, b in zip(g_est, g_full):  # E[gradient] = the full-vocabulary gradient
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+def test_one_sampled_token_is_not_the_full_gradient_and_the_baseline_changes_it():
+    hs, ws, ht, wt = (t.double().requires_grad_(i < 2) for i, t in enumerate(_case(N=4, d_s=4, d_t=3, V=9, seed=2)))
+    w, toks = torch.ones(4, dtype=torch.float64), torch.tensor([0, 3, 5, 8])
+    g = [torch.autograd.grad(f(), ws)[0] for f in (
+        lambda: caopd.fused_linear_kl(hs, ws, ht, wt, w),
+        lambda: caopd.sampled_kl(hs, ws, ht, wt, w, toks),
+        lambda: caopd.sampled_kl(hs, ws, ht, wt, w, toks, baseline=True))]
+    assert (g[0] - g[1]).abs().max() > 1e-3 and (g[1] - g[2]).abs().max() > 1e-3
+
+def test_topk_with_a_tail_bucket():
+    hs, ws, ht, wt = (t.double().requires_grad_(i < 2) for i, t in enumerate(_case(N=6, d_s=4, d_t=3, V=9, seed=3)))
+    w = torch.rand(6, dtype=torch.float64)
+    full = caopd.fused_linear_kl(hs, ws, ht, wt, w)
+    exact = caopd.topk_tail_kl(hs, ws, ht, wt, w, k=8)  # V - 1 tokens + a one-token tail: the full KL
+    torch.testing.assert_close(exact, full, rtol=1e-9, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(exact, (hs, ws)), torch.autograd.grad(full, (hs, ws))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    for k in (1, 2, 4):  # coarsening never increases a KL: a lower bound
+        assert caopd.topk_tail_kl(hs, ws, ht, wt, w, k=k) <= full + 1e-12
+
+def test_smoothed_p_acc():
+    assert caopd.empirical_confidence([1, 1, 0, 0, 0, 0, 0, 0], 4, smoothed=True) == [3 / 6, 1 / 6]
+    assert caopd.empirical_confidence([1, 1, 0, 0], 2) == [1.0, 0.0]
+
+def test_question_generators_keep_the_training_task_and_group_by_length():
+    import random
+    rng = random.Random(0)
+    assert [arith.make_example(rng)["id"] for _ in range(5)] == ["015*075", "048*055", "242+027", "918+078", "022+175"]
+    for ops, digits, width in (("-", None, 3), ("+", 4, 4), ("*", 3, 3)):
+        held, _ = arith.split(1, 50, ops, digits)
+        assert {len(ENC.encode(ex["question"])) for ex in held} == {len(ENC.encode(held[0]["question"]))}
+        for ex in held:
+            a, b = (int(x) for x in ex["id"].split(ops))
+            assert len(ex["id"]) == 2 * width + 1 and ex["answer"] == {"+": a + b, "*": a * b, "-": a - b}[ops] >= 0
+            assert caopd.verify_arith(ex["answer"], ex["reference"])
+
+def test_estimator_needs_the_reverse_kl(tmp_path):
+    r = _run("--estimator=sampled", "--loss=forward", f"--out_dir={tmp_path}")
+    assert r.returncode == 2 and "--loss=reverse" in r.stderr
+
+def test_scaling_sweep_bookkeeping_on_two_tiny_sizes(tmp_path):
+    args = [sys.executable, os.path.join(HERE, "experiments.py"), "scaling", "--smoke=True", "--sizes=1x16,1x32",
+            "--n_eval=8", f"--out_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    assert (tmp_path / "out" / "scaling.png").exists()
+    rows = result["rows"]
+    assert [(r["size"], r["model"]) for r in rows] == [(s, m) for s in ("1x16", "1x32") for m in ("base", "opd", "caopd")]
+    assert all(r["n"] == 8 for r in rows) and rows[0]["params"] != rows[3]["params"]
+    assert result["seconds"] > 0 and result["settings"]["experiment"]["sizes"] == "1x16,1x32"
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert cached == ["base", "base", "caopd", "caopd", "opd", "opd"]
+    log = torch.load(next((tmp_path / "cache").glob("opd-*.pt")), weights_only=True)["entropy"]
+    assert log[0]["step"] == 0 and {"student_answer", "teacher_confidence", "teacher_no_context_all"} <= set(log[0])
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # every model from the cache
+    assert again.returncode == 0 and again.stdout.count("reusing") == 6, again.stdout[-2000:]
+    assert json.loads((tmp_path / "out" / "scaling.json").read_text())["rows"] == rows

@@ -68,6 +68,7 @@ base_warmup = 100          # linear warm-up steps, then cosine decay to 0.1 x ba
 steps = 300                # distillation steps, per method
 prompts_per_step = 16      # over all processes (torchrun): each takes an equal share
 K = 8                      # rollouts per prompt; P_acc = correct / K
+smooth_p_acc = False       # P_acc = (correct + 1) / (K + 2) instead (never 0 or 1 from few rollouts)
 temperature = 1.0
 top_k = 0                  # 0 = sample from the full vocabulary
 max_new_tokens = 12        # "Answer: 6887\nConfidence: 0.7<|endoftext|>" is 11 tokens
@@ -83,6 +84,11 @@ loss = "reverse"           # "reverse" KL(student||teacher), "forward" KL(teache
 jsd_beta = 0.5             # the generalized JSD's mixing weight (loss="jsd" only)
 skip_tokens = 0            # completion tokens left out of the loss; the toy's answer starts at token 2,
                            # so skipping 3 (the reference code's default) would drop its first digit
+estimator = "full"         # how the reverse KL is estimated: "full" (every vocabulary entry, the fused loss),
+                           # "topk" (the student's estimator_topk tokens + a tail bucket), "sampled" (the
+                           # sampled token, policy gradient), "sampled_baseline" (the same minus the closed-form
+                           # value -KL, vOPD's control variate); see caopd.py after fused_linear_kl
+estimator_topk = 8         # k of estimator="topk"
 lr = 3e-4                  # 1e-4 left seed 1 stuck underconfident after 300 CaOPD steps (mean conf 0.10 at acc 0.38)
 grad_clip = 1.0
 # system
@@ -143,6 +149,10 @@ def check_settings():
         (teacher_context in caopd.TEMPLATES, "teacher_context", f"must be one of {list(caopd.TEMPLATES)}"),
         (loss in ("reverse", "forward", "jsd"), "loss", "must be 'reverse', 'forward' or 'jsd'"),
         (0 <= jsd_beta <= 1, "jsd_beta", "must be in [0, 1]"),
+        (estimator in ("full", "topk", "sampled", "sampled_baseline"), "estimator",
+         "must be 'full', 'topk', 'sampled' or 'sampled_baseline'"),
+        (estimator == "full" or loss == "reverse", "estimator", "the other estimators are of the reverse KL: --loss=reverse"),
+        (estimator_topk >= 1, "estimator_topk", "must be >= 1"),
         (K >= 1, "K", "must be >= 1"),
         (temperature >= 0, "temperature", "must be >= 0 (0 is greedy)"),
         (0 <= ema_rate <= 1, "ema_rate", "must be in [0, 1]"),
@@ -373,7 +383,78 @@ def all_mean(t):
         t /= world
     return t
 
-def distill(model, method, sample_train, verify, ck=None):
+def rollout_batch(model, method, exs, verify, step, rows):
+    """Steps 1-3 of a distillation step for this process's questions exs: K rollouts each, their
+    verdicts and P_acc, then the training completions and the teacher's prompts.
+    Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc)."""
+    # 1. K rollouts per prompt, all in one batched call. The random numbers of step s come from
+    # a generator seeded by s: the same rollouts after a resume, and for any number of processes
+    prompts = [student_tokens(ex) for ex in exs for _ in range(K)]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    with autocast:
+        rollouts = caopd.sample(model, prompts, max_new_tokens, end_id, temperature, top_k, gen, rows=rows)
+    texts = [decode(r) for r in rollouts]
+    # 2. verify them; P_acc per prompt
+    correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
+    p_acc = caopd.empirical_confidence(correct, K, smooth_p_acc)
+    # 3. the training completions and the teacher's prompts
+    completions, teacher_prompts = [], []
+    for i, text in enumerate(texts):
+        ex, g = exs[i // K], i // K
+        solution = ex["reference"]
+        if teacher_context == "correct_solution":  # first verified rollout of this prompt, else the reference
+            solution = next((texts[j] for j in range(g * K, g * K + K) if correct[j]), solution)
+        tokens, shown, note = rollouts[i], 1.0, None  # plain OPD: the teacher is shown certainty
+        if method == "caopd":  # the one change: P_acc in the completion, the solution and a Note
+            text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], decimals)
+            tokens = encode(text) + [end_id]
+        completions.append(tokens)
+        teacher_prompts.append(teacher_tokens(ex, teacher_context, solution, shown, note))
+    return prompts, completions, teacher_prompts, texts, correct, p_acc
+
+def kl_loss(model, teacher, prompts, completions, teacher_prompts):
+    """Step 4: the per-token divergence to the teacher on the same completion tokens, averaged over
+    a sequence's tokens, then over sequences. Returns (loss, student hidden states (B, L, C),
+    teacher hidden states, counted positions (B, L))."""
+    with autocast:
+        hs, lens = caopd.completion_hidden(model, prompts, completions)  # (BK, L, C)
+        with torch.no_grad():
+            ht, _ = caopd.completion_hidden(teacher, teacher_prompts, completions)
+        j = torch.arange(hs.shape[1], device=hs.device)
+        counted = (j[None] < torch.tensor(lens, device=hs.device)[:, None]) & (j[None] >= skip_tokens)  # (BK, L)
+        weight = counted / counted.sum(1, keepdim=True).clamp(min=1)  # mean over a sequence's tokens, then over sequences
+        args = (hs.flatten(0, 1), caopd.output_weight(model), ht.flatten(0, 1), caopd.output_weight(teacher),
+                weight.flatten())
+        if estimator == "full":
+            kl = caopd.fused_linear_kl(*args, kind=loss, beta=jsd_beta)
+        elif estimator == "topk":
+            kl = caopd.topk_tail_kl(*args, estimator_topk)
+        else:  # the sampled token: the completion token each position predicts
+            tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions], device=hs.device)  # (BK, L)
+            kl = caopd.sampled_kl(*args, tokens.flatten(), baseline=estimator == "sampled_baseline")
+    return kl, hs, ht, counted
+
+@torch.no_grad()
+def entropy_stats(step, model, teacher, prompts, completions, hs, ht, counted):
+    """Mean per-token entropy (nats) of the student, of the teacher with its privileged context,
+    and of the teacher on the student's prompt (no context), on the completion tokens: answer
+    digits, the confidence value, and all counted tokens. For experiments.py entropy."""
+    h0, _ = caopd.completion_hidden(teacher, prompts, completions)  # the teacher without its context
+    tokens = torch.tensor([c + [-1] * (hs.shape[1] - len(c)) for c in completions])  # (B, L)
+    conf_ids = [t for v in range(11) for t in encode(f" {v / 10:.1f}")]
+    digit_ids = [t for d in "0123456789" for t in encode(d)]
+    parts = {"answer": torch.isin(tokens, torch.tensor(digit_ids)) & counted.cpu(),
+             "confidence": torch.isin(tokens, torch.tensor(conf_ids)) & counted.cpu(), "all": counted.cpu()}
+    row = {"step": step}
+    for who, h, w in (("student", hs, caopd.output_weight(model)), ("teacher", ht, caopd.output_weight(teacher)),
+                      ("teacher_no_context", h0, caopd.output_weight(teacher))):
+        ent = caopd.entropy(h.flatten(0, 1).detach(), w).view(h.shape[:2]).cpu()  # (B, L)
+        for part, sel in parts.items():
+            row[f"{who}_{part}"] = ent[sel].mean().item() if sel.any() else float("nan")
+    return row
+
+def distill(model, method, sample_train, verify, ck=None, entropy_log=None):
+    """Stage 1 on model, in place. entropy_log: a list to append entropy_stats() to every log_every steps."""
     rng = random.Random(seed + 1)  # OPD and CaOPD see the same questions
     teacher = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -381,41 +462,12 @@ def distill(model, method, sample_train, verify, ck=None):
     n = prompts_per_step // world  # this process's prompts: rank n .. rank n + n - 1 of each step's batch
     t0 = time.time()
     for step in tqdm(range(start, steps), desc=method, mininterval=2, disable=rank != 0):
-        # 1. K rollouts per prompt, all in one batched call. The random numbers of step s come from
-        # a generator seeded by s: the same rollouts after a resume, and for any number of processes
         exs = sample_train(rng, prompts_per_step)[rank * n:rank * n + n]
-        prompts = [student_tokens(ex) for ex in exs for _ in range(K)]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        with autocast:
-            rollouts = caopd.sample(model, prompts, max_new_tokens, end_id, temperature, top_k, gen,
-                                    rows=(rank * n * K, prompts_per_step * K))
-        texts = [decode(r) for r in rollouts]
-        # 2. verify them; P_acc per prompt
-        correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
-        p_acc = caopd.empirical_confidence(correct, K)
-        # 3. the training completions and the teacher's prompts
-        completions, teacher_prompts = [], []
-        for i, text in enumerate(texts):
-            ex, g = exs[i // K], i // K
-            solution = ex["reference"]
-            if teacher_context == "correct_solution":  # first verified rollout of this prompt, else the reference
-                solution = next((texts[j] for j in range(g * K, g * K + K) if correct[j]), solution)
-            tokens, shown, note = rollouts[i], 1.0, None  # plain OPD: the teacher is shown certainty
-            if method == "caopd":  # the one change: P_acc in the completion, the solution and a Note
-                text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], decimals)
-                tokens = encode(text) + [end_id]
-            completions.append(tokens)
-            teacher_prompts.append(teacher_tokens(ex, teacher_context, solution, shown, note))
-        # 4. per-token divergence to the teacher on the same completion tokens
-        with autocast:
-            hs, lens = caopd.completion_hidden(model, prompts, completions)  # (BK, L, C)
-            with torch.no_grad():
-                ht, _ = caopd.completion_hidden(teacher, teacher_prompts, completions)
-            j = torch.arange(hs.shape[1], device=hs.device)
-            counted = (j[None] < torch.tensor(lens, device=hs.device)[:, None]) & (j[None] >= skip_tokens)  # (BK, L)
-            weight = counted / counted.sum(1, keepdim=True).clamp(min=1)  # mean over a sequence's tokens, then over sequences
-            kl = caopd.fused_linear_kl(hs.flatten(0, 1), caopd.output_weight(model), ht.flatten(0, 1),
-                                       caopd.output_weight(teacher), weight.flatten(), kind=loss, beta=jsd_beta)
+        prompts, completions, teacher_prompts, texts, correct, p_acc = rollout_batch(
+            model, method, exs, verify, step, (rank * n * K, prompts_per_step * K))
+        kl, hs, ht, counted = kl_loss(model, teacher, prompts, completions, teacher_prompts)
+        if entropy_log is not None and step % log_every == 0:
+            entropy_log.append(entropy_stats(step, model, teacher, prompts, completions, hs, ht, counted))
         opt.zero_grad(set_to_none=True)
         kl.backward()
         for p in model.parameters():  # what DistributedDataParallel does: average the gradients
@@ -466,13 +518,18 @@ def evaluate(model, name, held, verify):
     metrics["clipped_rate"] = sum(c is not None and not 0 <= c <= 1 for c in raw) / len(records)  # stated outside [0, 1]
     return metrics, records
 
-def reliability_diagram(results, path):
-    """Accuracy per confidence bin for each model, bin counts written on the bars."""
+def reliability_diagram(results, path, columns=None):
+    """Accuracy per confidence bin for each model, bin counts written on the bars; panels in rows
+    of `columns` (default: one row)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
-    for ax, (name, (m, records)) in zip(axes[0], results.items()):
+    cols = columns or len(results)
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, (name, (m, records)) in zip(axes.flat, results.items()):
         conf = torch.tensor([r["confidence"] or 0.0 for r in records], dtype=torch.float64)
         corr = torch.tensor([float(r["correct"]) for r in records], dtype=torch.float64)
         bins = caopd.confidence_bin(conf)  # the bins of ECE
@@ -491,6 +548,26 @@ def reliability_diagram(results, path):
     os.replace(path + ".tmp.png", path)
 
 # -----------------------------------------------------------------------------
+
+def cached_base(base, sample_train, cache_dir, ck=None):
+    """Stage 0 into `base`, cached in cache_dir as base-<hash of its settings>.pt: the same settings
+    give the same base, so it is trained once and reused. Returns the file's path."""
+    base_settings = {k: config[k] for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
+                                            "block_size", "base_steps", "base_batch", "base_lr", "base_warmup")}
+    curriculum = inspect.getsource(base_batch_rows)  # editing the curriculum must not reuse a stale base
+    key = hashlib.sha256(json.dumps([base_settings, caopd.output_weight(base).shape[0], caopd.TEMPLATES,
+                                     curriculum]).encode()).hexdigest()[:12]
+    base_path = os.path.join(cache_dir, f"base-{key}.pt")
+    if os.path.exists(base_path):
+        base.load_state_dict(load_checkpoint(base_path)["model"])
+        print(f"reusing base model {base_path}")
+    elif rank == 0:
+        train_base(base, sample_train, ck)
+        write_atomic(base_path, {"model": base.state_dict(), "settings": base_settings}, "wb")
+    if world > 1:  # rank 0 trained it; the others read it
+        dist.barrier()
+        base.load_state_dict(load_checkpoint(base_path)["model"])
+    return base_path
 
 def load_model():
     """(model, tokenizer, context length): our GPT and the toy tokenizer, or a Hugging Face causal LM
@@ -553,21 +630,7 @@ def main(argv):
     # stage 0, cached: the same settings give the same base, so it is trained once and reused
     t0 = time.time()
     if base_steps:
-        base_settings = {k: config[k] for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
-                                                "block_size", "base_steps", "base_batch", "base_lr", "base_warmup")}
-        curriculum = inspect.getsource(base_batch_rows)  # editing the curriculum must not reuse a stale base
-        key = hashlib.sha256(json.dumps([base_settings, caopd.output_weight(base).shape[0], caopd.TEMPLATES,
-                                         curriculum]).encode()).hexdigest()[:12]
-        base_path = os.path.join(out_dir, f"base-{key}.pt")
-        if os.path.exists(base_path):
-            base.load_state_dict(load_checkpoint(base_path)["model"])
-            print(f"reusing base model {base_path}")
-        elif rank == 0:
-            train_base(base, sample_train, ck if at == 0 else None)
-            write_atomic(base_path, {"model": base.state_dict(), "settings": base_settings}, "wb")
-        if world > 1:  # rank 0 trained it; the others read it
-            dist.barrier()
-            base.load_state_dict(load_checkpoint(base_path)["model"])
+        cached_base(base, sample_train, out_dir, ck if at == 0 else None)
     seconds["base"] = time.time() - t0
     models = {"base": base}
 

@@ -24,35 +24,43 @@ QUESTION = "Solve {a:03d}{op}{b:03d} and end with your confidence."
 VOCAB_TEXT = QUESTION + "\nAnswer: 1\nConfidence: 1.0"  # every word the task writes: one token each
 DECIMALS = 1  # confidence is stated as 0.0, 0.1, ..., 1.0: one token each in the toy tokenizer
 
-def make_example(rng):
+def make_example(rng, ops="+*", digits=None):
     """One random question; the operands' digit counts are drawn first, so short and long
-    operands are equally common (that is what grades the difficulty)."""
-    op = rng.choice("+*")
-    top = 3 if op == "+" else 2
+    operands are equally common (that is what grades the difficulty).
+    The defaults are the training task. experiments.py also asks for questions the model never
+    trained on: ops="-" (subtraction, a >= b, 1-3 digit operands) and digits=n (operands of
+    1..n digits, both written n wide: prompts of one length per n)."""
+    op = rng.choice(ops)
+    top = digits or (2 if op == "*" else 3)
     a, b = _operand(rng, top), _operand(rng, top)
-    answer = a + b if op == "+" else a * b
-    q = QUESTION.format(a=a, op=op, b=b)
-    return {"id": f"{a:03d}{op}{b:03d}", "question": q, "messages": [{"role": "user", "content": q}],
-            "answer": answer, "reference": f"Answer: {answer:04d}", "kind": "add" if op == "+" else "mul"}
+    if op == "-":
+        a, b = max(a, b), min(a, b)  # no negative answers
+    answer = {"+": a + b, "*": a * b, "-": a - b}[op]
+    width = max(3, top)
+    q = QUESTION.replace(":03d", f":0{width}d").format(a=a, op=op, b=b)
+    return {"id": f"{a:0{width}d}{op}{b:0{width}d}", "question": q, "messages": [{"role": "user", "content": q}],
+            "answer": answer, "reference": f"Answer: {answer:04d}", "kind": KINDS[op]}
+
+KINDS = {"+": "add", "*": "mul", "-": "sub"}
 
 def _operand(rng, max_digits):
     d = rng.randint(1, max_digits)
     return rng.randrange(10 ** (d - 1) if d > 1 else 0, 10 ** d)
 
-def split(data_seed, n_eval):
+def split(data_seed, n_eval, ops="+*", digits=None):
     """The held-out questions (deterministic in data_seed) and a sampler of training questions
-    that never returns one of them."""
+    that never returns one of them. ops and digits as in make_example."""
     rng = random.Random(data_seed)
     held_out = {}
     while len(held_out) < n_eval:
-        ex = make_example(rng)
+        ex = make_example(rng, ops, digits)
         held_out.setdefault(ex["id"], ex)
     held = list(held_out.values())
 
     def sample_train(rng, n):
         out = []
         while len(out) < n:
-            ex = make_example(rng)
+            ex = make_example(rng, ops, digits)
             if ex["id"] not in held_out:
                 out.append(ex)
         return out
