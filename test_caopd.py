@@ -393,14 +393,27 @@ def test_tooluse_row_errors(change, message):
 
 def test_download_release_is_pinned(monkeypatch, tmp_path):
     urls = []
-    monkeypatch.setattr(science.urllib.request, "urlretrieve", lambda url, dst: urls.append(url))
-    science.download_release(str(tmp_path / "science_data"))
-    assert len(urls) == 6 and all(science.COMMIT in u and "/data/science_data/" in u for u in urls)
+    monkeypatch.setattr(tasks.urllib.request, "urlretrieve", lambda url, dst: urls.append(url))
+    tasks.download_release(science.RELEASE_DIR, str(tmp_path / "science_data"))
+    assert len(urls) == 6 and all(tasks.COMMIT in u and "/data/science_data/" in u for u in urls)
+
+def test_prepare_converts_a_local_release_and_is_idempotent(tmp_path, monkeypatch, capsys):
+    import types
+    release = {"train": [{"messages": CHAT, "output_text": DEMO}], "eval": [{"prompt": CHAT, "answer": "D"}] * 2}
+    fake = types.ModuleType("datasets")  # the release's load_from_disk, without the package
+    fake.load_from_disk = lambda path: release[os.path.basename(path).split("_")[0]]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    convert = lambda row, i, split: (science.convert_train_row if split == "train" else science.convert_eval_row)(row, i)
+    tasks.prepare("science", science.RELEASE_DIR, convert, str(tmp_path), [str(tmp_path / "clone")])
+    assert "science train: 1 rows" in capsys.readouterr().out
+    assert [r["answer"] for r in tasks.load_rows(str(tmp_path / "eval.jsonl"), "science")] == ["D", "D"]
+    tasks.prepare("science", science.RELEASE_DIR, convert, str(tmp_path), [])  # outputs exist: no download
+    assert "exist; delete them to rebuild" in capsys.readouterr().out
 
 def test_write_jsonl_atomic(tmp_path):
     path = str(tmp_path / "out.jsonl")
     rows = [tooluse.convert_row(TOOL_ROW, 0, "train")]
-    tooluse.write_jsonl_atomic(path, rows)
+    tasks.write_jsonl_atomic(path, rows)
     assert os.listdir(tmp_path) == ["out.jsonl"] and tasks.load_rows(path, "tooluse") == rows
 
 # ----------------------------------------------------------------------------

@@ -10,6 +10,9 @@ a file is a ValueError naming file and line; train_small.py prints it as one lin
 """
 import json
 import os
+import sys
+import tempfile
+import urllib.request
 
 def row_problem(row, task):
     """What is wrong with one parsed row, or None."""
@@ -62,3 +65,48 @@ def load_rows(path, task):
     if not rows:
         raise ValueError(f"{path}: empty file (no rows)")
     return rows
+
+# -----------------------------------------------------------------------------
+# data/<task>/prepare.py: the authors' release (HF `datasets` saved to disk, pinned to a commit) -> our JSONL
+
+REPO, COMMIT = "SalesforceAIResearch/CaOPD", "46624a0111d5697df0089ec66c1da249ce59f84c"
+FILES = ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")  # one saved dataset
+
+def write_jsonl_atomic(path, rows):
+    """Write all rows or nothing: a temp file in the same folder, then os.replace."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+def download_release(release_dir, dst):
+    """Fetch the two saved datasets of the pinned release's release_dir into dst/{train,eval}_data/."""
+    for split in ("train", "eval"):
+        os.makedirs(os.path.join(dst, f"{split}_data"))
+        for name in FILES:
+            url = f"https://raw.githubusercontent.com/{REPO}/{COMMIT}/{release_dir}/{split}_data/{name}"
+            print(f"downloading {url}")
+            urllib.request.urlretrieve(url, os.path.join(dst, f"{split}_data", name))
+
+def prepare(task, release_dir, convert, out_dir, argv):
+    """The body of data/<task>/prepare.py: argv is [] (download the release) or [a local clone of
+    it]; convert(row, index, split) -> our row. Idempotent: existing outputs are kept."""
+    assert len(argv) <= 1, f"usage: python data/{task}/prepare.py [path/to/CaOPD clone]"
+    outputs = {split: os.path.join(out_dir, f"{split}.jsonl") for split in ("train", "eval")}
+    if all(os.path.exists(p) for p in outputs.values()):  # written atomically, so existing = complete
+        print(f"{outputs['train']} and {outputs['eval']} exist; delete them to rebuild")
+        return
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        sys.exit("this script reads the release's saved datasets: pip install datasets")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(argv[0], release_dir) if argv else os.path.join(tmp, "release")
+        if not argv:
+            download_release(release_dir, src)
+        for split in ("train", "eval"):
+            release = load_from_disk(os.path.join(src, f"{split}_data"))
+            rows = [convert(row, i, split) for i, row in enumerate(release)]
+            write_jsonl_atomic(outputs[split], rows)
+            print(f"{task} {split}: {len(rows)} rows -> {outputs[split]}")

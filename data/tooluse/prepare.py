@@ -27,13 +27,11 @@ from the first golden call.
 import json
 import os
 import sys
-import tempfile
-import urllib.request
 
-# the release, pinned to the commit this converter was written against
-REPO, COMMIT = "SalesforceAIResearch/CaOPD", "46624a0111d5697df0089ec66c1da249ce59f84c"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
+from data import tasks  # noqa: E402  (the shared download / write / convert loop)
+
 RELEASE_DIR = "data/tooluse_data"  # inside the repo: train_data/, eval_data/
-FILES = ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")
 OUT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # The release never asks for a confidence; the paper's student does. A line in the format block:
@@ -77,47 +75,8 @@ def convert_row(row, index, split):
     return {"id": f"{split}-{index}", "messages": [{"role": "user", "content": ask_confidence(prompt)}],
             "answer": {"action": action.strip(), "action_input": action_input}, "reference": reference}
 
-# ----------------------------------------------------------------------------
-# files
-
-def write_jsonl_atomic(path, rows):
-    """Write all rows or nothing: a temp file in the same folder, then os.replace."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-def download_release(dst):
-    """Fetch the two saved datasets of the pinned release into dst/{train,eval}_data/."""
-    for split in ("train", "eval"):
-        os.makedirs(os.path.join(dst, f"{split}_data"))
-        for name in FILES:
-            url = f"https://raw.githubusercontent.com/{REPO}/{COMMIT}/{RELEASE_DIR}/{split}_data/{name}"
-            print(f"downloading {url}")
-            urllib.request.urlretrieve(url, os.path.join(dst, f"{split}_data", name))
-
 if __name__ == "__main__":
-    assert len(sys.argv) <= 2, "usage: python data/tooluse/prepare.py [path/to/CaOPD clone]"
-    outputs = {split: os.path.join(OUT_DIR, f"{split}.jsonl") for split in ("train", "eval")}
-    if all(os.path.exists(p) for p in outputs.values()):  # written atomically, so existing = complete
-        print(f"{outputs['train']} and {outputs['eval']} exist; delete them to rebuild")
-        sys.exit(0)
-    try:
-        from datasets import load_from_disk
-    except ImportError:
-        sys.exit("this script reads the release's saved datasets: pip install datasets")
-    with tempfile.TemporaryDirectory() as tmp:
-        if len(sys.argv) == 2:
-            src = os.path.join(sys.argv[1], RELEASE_DIR)
-        else:
-            src = os.path.join(tmp, "tooluse_data")
-            download_release(src)
-        for split in ("train", "eval"):
-            release = load_from_disk(os.path.join(src, f"{split}_data"))
-            rows = [convert_row(row, i, split) for i, row in enumerate(release)]
-            write_jsonl_atomic(outputs[split], rows)
-            print(f"tooluse {split}: {len(rows)} rows -> {outputs[split]}")
+    tasks.prepare("tooluse", RELEASE_DIR, convert_row, OUT_DIR, sys.argv[1:])
 
 # Expected output (eval count: rows counted in the release's
 # data/tooluse_data/eval_data/data-00000-of-00001.arrow at the pinned commit, 97 requests over 10
