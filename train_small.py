@@ -552,7 +552,8 @@ def reliability_diagram(results, path, columns=None):
 def cached_base(base, sample_train, cache_dir, ck=None):
     """Stage 0 into `base`, cached in cache_dir as base-<hash of its settings>.pt: the same settings
     give the same base, so it is trained once and reused. Returns the file's path."""
-    base_settings = {k: config[k] for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
+    # n_eval too: the held-out questions are left out of training, so they change the training stream
+    base_settings = {k: config[k] for k in ("init_from", "seed", "data_seed", "n_eval", "n_layer", "n_head", "n_embd",
                                             "block_size", "base_steps", "base_batch", "base_lr", "base_warmup")}
     curriculum = inspect.getsource(base_batch_rows)  # editing the curriculum must not reuse a stale base
     key = hashlib.sha256(json.dumps([base_settings, caopd.output_weight(base).shape[0], caopd.TEMPLATES,
