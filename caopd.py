@@ -151,17 +151,17 @@ def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
     """Logits of the next token, step by step: decode(None) for the first, decode(tokens (B,)) after."""
     assert len({len(p) for p in prompts}) == 1, "our GPT samples prompts of one length (the toy pads its questions)"
     idx = torch.tensor(prompts, device=model.wte.weight.device)  # (B, Tp)
-    Tp, state = idx.shape[1], {"t": 0}
+    Tp = t = idx.shape[1]  # t: the position of the next token
     if use_cache:
         h0, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
 
     def decode(nxt):
-        nonlocal idx
+        nonlocal idx, t
         if nxt is None:
             h = h0 if use_cache else model(idx)[:, -1]
         elif use_cache:
-            h = model(nxt[:, None], cache, Tp + state["t"])[:, -1]
-            state["t"] += 1
+            h = model(nxt[:, None], cache, t)[:, -1]
+            t += 1
         else:  # the whole sequence again: for tests and the benchmark, never for training
             idx = torch.cat([idx, nxt[:, None]], 1)
             h = model(idx)[:, -1]

@@ -389,7 +389,7 @@ def rollout_batch(model, method, exs, verify, step, rows):
     Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc)."""
     # 1. K rollouts per prompt, all in one batched call. The random numbers of step s come from
     # a generator seeded by s: the same rollouts after a resume, and for any number of processes
-    prompts = [student_tokens(ex) for ex in exs for _ in range(K)]
+    prompts = [p for p in map(student_tokens, exs) for _ in range(K)]  # each question rendered once
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     with autocast:
         rollouts = caopd.sample(model, prompts, max_new_tokens, end_id, temperature, top_k, gen, rows=rows)
@@ -399,17 +399,20 @@ def rollout_batch(model, method, exs, verify, step, rows):
     p_acc = caopd.empirical_confidence(correct, K, smooth_p_acc)
     # 3. the training completions and the teacher's prompts
     completions, teacher_prompts = [], []
-    for i, text in enumerate(texts):
-        ex, g = exs[i // K], i // K
+    for g, ex in enumerate(exs):
+        group = range(g * K, g * K + K)  # this question's K rollouts
         solution = ex["reference"]
         if teacher_context == "correct_solution":  # first verified rollout of this prompt, else the reference
-            solution = next((texts[j] for j in range(g * K, g * K + K) if correct[j]), solution)
-        tokens, shown, note = rollouts[i], 1.0, None  # plain OPD: the teacher is shown certainty
-        if method == "caopd":  # the one change: P_acc in the completion, the solution and a Note
-            text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], decimals)
-            tokens = encode(text) + [end_id]
-        completions.append(tokens)
-        teacher_prompts.append(teacher_tokens(ex, teacher_context, solution, shown, note))
+            solution = next((texts[j] for j in group if correct[j]), solution)
+        for i in group:
+            text = texts[i]
+            tokens, shown, note = rollouts[i], 1.0, None  # plain OPD: the teacher is shown certainty
+            if method == "caopd":  # the one change: P_acc in the completion, the solution and a Note
+                text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], decimals)
+                tokens = encode(text) + [end_id]
+            completions.append(tokens)
+        # one teacher prompt per question: the K rollouts share solution, shown confidence and Note
+        teacher_prompts += [teacher_tokens(ex, teacher_context, solution, shown, note)] * K
     return prompts, completions, teacher_prompts, texts, correct, p_acc
 
 def kl_loss(model, teacher, prompts, completions, teacher_prompts):
@@ -625,7 +628,8 @@ def main(argv):
     held, sample_train, verify = load_task(files, context)
     print(f"device {device}, {world} process(es), {threads} thread(s), vocabulary {caopd.output_weight(base).shape[0]} "
           f"tokens, {len(held)} held-out questions, model {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
-    stages = (["base"] if base_steps else []) + (["opd", "caopd"] if method == "both" else [method])
+    methods = ["opd", "caopd"] if method == "both" else [method]
+    stages = (["base"] if base_steps else []) + methods
     at = stages.index(ck["stage"]) if ck else -1  # stages before it are finished; it continues from ck
 
     # stage 0, cached: the same settings give the same base, so it is trained once and reused
@@ -635,7 +639,7 @@ def main(argv):
     seconds["base"] = time.time() - t0
     models = {"base": base}
 
-    for m in stages[stages.index("base") + 1 if "base" in stages else 0:]:
+    for m in methods:
         t0 = time.time()
         i, path = stages.index(m), os.path.join(out_dir, f"{m}.pt")
         models[m] = copy.deepcopy(base)
