@@ -158,6 +158,51 @@ def test_ema_update_moves_teacher_toward_student():
     caopd.ema_update(teacher, student, 0.0)
     assert all(torch.allclose(p, torch.full_like(p, 0.01)) for p in teacher.parameters())  # a = 0: frozen
 
+def _parabola(shown, sigma=0.15):
+    values = torch.linspace(0, 1, 11, dtype=torch.float64)
+    return -(values[None] - torch.tensor(shown, dtype=torch.float64)[:, None]) ** 2 / (2 * sigma ** 2)  # (n, 11)
+
+def test_soft_confidence_loss_is_smallest_at_the_parabola(monkeypatch):
+    import train_small as ts
+    monkeypatch.setattr(ts, "base_conf_sigma", 0.15)
+    monkeypatch.setattr(ts, "base_conf_shape", 0.1)
+    shown = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    z = (_parabola(shown.tolist()) + 3.0).requires_grad_()  # logits: the parabola plus any constant
+    loss = ts.soft_confidence_loss(z.log_softmax(-1), shown)
+    loss.backward()
+    w = _parabola(shown.tolist()).softmax(-1)
+    assert loss.item() == pytest.approx(-(w * w.log()).sum().item(), abs=1e-9)  # the entropy: shape error 0
+    assert z.grad.abs().max().item() < 1e-9  # a minimum
+    # flat logits: cross-entropy -log(1/11) per row, plus 0.1 x the mean square of the centred parabola
+    p = _parabola(shown.tolist())
+    by_hand = 3 * math.log(11) + 0.1 * (p - p.mean(1, keepdim=True)).pow(2).mean(1).sum().item()
+    flat = ts.soft_confidence_loss(torch.zeros(3, 11, dtype=torch.float64).log_softmax(-1), shown)
+    assert flat.item() == pytest.approx(by_hand, rel=1e-9)
+
+def _student_toward(teachers, share, steps=3000):
+    """The confidence distribution that minimizes sum_i share_i x reverse KL(s || teachers_i)."""
+    z = torch.zeros(11, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    logp_t = teachers.log_softmax(-1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (torch.tensor(share, dtype=torch.float64) * caopd.kl_divergence(
+            z.log_softmax(-1).expand_as(logp_t), logp_t, "reverse")).sum()
+        loss.backward()
+        opt.step()
+    return z.softmax(-1)
+
+def test_reverse_kl_toward_parabola_teachers_says_the_mean_p_acc():
+    """Why the base teacher's confidence is trained soft (soft_confidence_loss): 30% of some questions
+    have P_acc 0, 70% P_acc 1; a student that cannot tell them apart should say 0.7. Toward teachers
+    whose log-probabilities are parabolas it does; toward teachers with flat tails (hard targets) it
+    says 1.0, the more common end."""
+    s = _student_toward(_parabola([0.0, 1.0]), [0.3, 0.7])
+    assert s.argmax().item() == 7
+    hard = torch.full((2, 11), -6.0, dtype=torch.float64)
+    hard[0, 0] = hard[1, 10] = 0.0  # all mass on the shown value, the same floor everywhere else
+    assert _student_toward(hard, [0.3, 0.7]).argmax().item() == 10
+
 def test_confidence_values_are_single_tokens():
     for i in range(11):
         text = f"Answer: 12\nConfidence: {i / 10:.1f}"

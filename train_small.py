@@ -64,12 +64,16 @@ base_steps = 500
 base_batch = 64
 base_lr = 2e-3
 base_warmup = 100          # linear warm-up steps, then cosine decay to 0.1 x base_lr
+base_conf_sigma = 0.15     # the teacher's stated confidence is trained toward a Gaussian of this standard
+base_conf_shape = 0.1      # deviation around the value it is shown, with this weight on the shape of its
+                           # log-probabilities (a parabola): see soft_confidence_loss
 # rollouts
-steps = 300                # distillation steps, per method
+steps = 200                # distillation steps, per method
 prompts_per_step = 16      # over all processes (torchrun): each takes an equal share
 K = 8                      # rollouts per prompt; P_acc = correct / K
 smooth_p_acc = False       # P_acc = (correct + 1) / (K + 2) instead (never 0 or 1 from few rollouts)
-temperature = 1.0
+temperature = 0.3          # of the rollouts. Evaluation is greedy; at 1.0 rollouts are right far less often
+                           # than greedy answers (0.24 vs 0.38 for a base model), so P_acc would undershoot
 top_k = 0                  # 0 = sample from the full vocabulary
 max_new_tokens = 12        # "Answer: 6887\nConfidence: 0.7<|endoftext|>" is 11 tokens
 eval_batch = 500           # questions per greedy evaluation call
@@ -89,7 +93,7 @@ estimator = "full"         # how the reverse KL is estimated: "full" (every voca
                            # sampled token, policy gradient), "sampled_baseline" (the same minus the closed-form
                            # value -KL, vOPD's control variate); see caopd.py after fused_linear_kl
 estimator_topk = 8         # k of estimator="topk"
-lr = 3e-4                  # 1e-4 left seed 1 stuck underconfident after 300 CaOPD steps (mean conf 0.10 at acc 0.38)
+lr = 3e-4                  # at the first step, then cosine to 0.1 x lr at the last
 grad_clip = 1.0
 # system
 device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
@@ -163,6 +167,8 @@ def check_settings():
          "batch sizes, n_eval, max_new_tokens, threads, log_every, ckpt_every and max_bad_steps must be >= 1"),
         (n_embd % n_head == 0, "n_head", f"must divide n_embd ({n_embd})"),
         (lr > 0 and base_lr > 0, "lr", "learning rates must be > 0"),
+        (base_conf_sigma > 0, "base_conf_sigma", "must be > 0"),
+        (base_conf_shape >= 0, "base_conf_shape", "must be >= 0"),
         (device in ("auto", "cpu", "cuda", "mps"), "device", "must be 'auto', 'cpu', 'cuda' or 'mps'"),
         (prompts_per_step % world == 0, "prompts_per_step", f"must be divisible by the {world} processes"),
     ]
@@ -313,27 +319,32 @@ def export_hf(model, path):
 # stage 0: a base model that knows the format, hedges its confidence, and reads teacher contexts
 
 def base_batch_rows(rng, sample_train):
-    """Rows (prompt tokens, completion tokens, targets: completion tokens with -1 where not trained).
-    Half student format with a broad confidence prior, N(0.6, 0.3) on [0, 1], so reverse KL has
-    probability mass to move (its gradient scales with the student's own probabilities). Half
-    teacher format, three ways: shown confidence 1.0 and target 1.0 (else the teacher never says
-    1.0); shown c ~ U[0,1] and target c + N(0, 0.07) (the noise keeps the teacher soft); the same
-    plus the Note line. Both teacher templates appear, with the reference answer as solution.
+    """Rows (prompt tokens, completion tokens, targets, soft): targets are the completion tokens with
+    -1 where not trained; soft is None, or the shown confidence c whose neighbourhood the stated
+    confidence (the token before END) is trained toward: a discretized Gaussian over 0.0 ... 1.0
+    with standard deviation base_conf_sigma (see soft_confidence_loss).
+    Two thirds of the rows are student format, where the arithmetic is learned, with a broad
+    confidence prior, N(0.6, 0.3) on [0, 1], so reverse KL has probability mass to move (its
+    gradient scales with the student's own probabilities). (Half and half gave bases right 0.30
+    instead of 0.46 of the time on seed 1, and cost more: teacher rows are 3x longer.)
+    One third are teacher format, three ways, each with the soft target around the confidence c
+    it is shown: c = 1.0 (plain OPD's context: else the teacher never says 1.0); c ~ U[0,1]; the
+    same plus the Note line. (A hard target for c = 1.0 made the teacher shown 1.0 far sharper
+    than the parabola, and CaOPD's student said 1.0 to questions it gets right 88% of the time.) Both teacher templates appear, with the reference answer as solution.
     In half of the Note rows the completion's answer is a wrong one (context only, not trained):
     the teacher must state the Note's value after a wrong rollout too. Otherwise it learns to grade
     each rollout against the demonstration (1.0 if it matches, 0.0 if not), information the
     student never has, and CaOPD's student learns to say 1.0 or 0.0 instead of P_acc."""
     rows = []
     for ex in sample_train(rng, base_batch):
-        answer, way = ex["reference"], None
-        if rng.random() < 0.5:
+        answer, way, soft = ex["reference"], None, None
+        if rng.random() < 2 / 3:
             prompt, target = student_tokens(ex), -1.0
             while not 0.0 <= target <= 1.0:  # a truncated normal: clipping would pile mass on 0.0 and 1.0
                 target = rng.gauss(0.6, 0.3)
         else:
             way = rng.randrange(3)
-            shown = 1.0 if way == 0 else rng.random()
-            target = 1.0 if way == 0 else min(1.0, max(0.0, shown + rng.gauss(0, 0.07)))
+            target = soft = shown = 1.0 if way == 0 else round(rng.random(), decimals)
             prompt = teacher_tokens(ex, rng.choice(list(caopd.TEMPLATES)), ex["reference"], shown,
                                     shown if way == 2 else None)
         skip = 0
@@ -341,29 +352,55 @@ def base_batch_rows(rng, sample_train):
             answer = f"Answer: {(ex['answer'] + rng.choice((-1, 1)) * 10 ** rng.randrange(4)) % 10000:04d}"
             skip = len(encode(answer + "\n"))
         tokens = encode(caopd.set_confidence(answer, target, decimals)) + [end_id]
-        rows.append((prompt, tokens, [-1] * skip + tokens[skip:]))
+        targets = [-1] * skip + tokens[skip:]
+        if soft is not None:
+            targets[-2] = -1  # the confidence token: trained toward the soft target instead
+        rows.append((prompt, tokens, targets, soft))
     return rows
+
+def soft_confidence_loss(logq, shown):
+    """The teacher's stated confidence, trained soft: logq (n, 11) are the log-probabilities of the
+    values 0.0 ... 1.0 at the confidence token, shown (n,) the value c in each row's context.
+    Why: reverse KL toward the teachers of many questions makes the student their geometric mean,
+    log s(v) = mean over questions of log t_c(v) + const, c being each question's P_acc. When
+    log t_c(v) = -(v - c)^2 / (2 sigma^2) + const over the whole range, that mean peaks at the mean of
+    the c: the student's most likely (greedy) value is the mean P_acc of the questions it cannot tell
+    apart. A teacher with flat tails (hard targets plus a little noise) pulls it to whichever end is
+    more common instead, and the student says only 0.0-0.1 or 0.9-1.0. So: cross-entropy toward
+    w(v) ~ exp(-(v - c)^2 / (2 sigma^2)), plus base_conf_shape x the squared error of the centred
+    log-probabilities against that parabola (cross-entropy alone hardly trains the far tails, whose
+    weights are tiny). Returns the sum over rows."""
+    values = torch.linspace(0, 1, logq.shape[1], dtype=logq.dtype, device=logq.device)
+    parabola = -(values[None] - shown[:, None]) ** 2 / (2 * base_conf_sigma ** 2)  # (n, 11): log w + const
+    error = (logq - logq.mean(1, keepdim=True)) - (parabola - parabola.mean(1, keepdim=True))
+    return -(parabola.softmax(-1) * logq).sum() + base_conf_shape * error.pow(2).mean(1).sum()
 
 def train_base(model, sample_train, ck=None):
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = restore(ck, model, None, opt, rng)[0] if ck else 0
+    value_ids = [t for v in range(11) for t in encode(f" {v / 10:.1f}")]  # the stated confidences, one token each
     for step in tqdm(range(start, base_steps), desc="base (SFT)", mininterval=2, disable=rank != 0):
         frac = max(0.0, (step - base_warmup) / max(1, base_steps - base_warmup))
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr
             g["lr"] = base_lr * min((step + 1) / base_warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         rows = sorted(base_batch_rows(rng, sample_train), key=lambda r: len(r[0]) + len(r[1]))  # by length
-        n_tokens, total = sum(sum(t >= 0 for t in r[2]) for r in rows), 0.0
+        n_tokens, total = sum(sum(t >= 0 for t in r[2]) + (r[3] is not None) for r in rows), 0.0
         opt.zero_grad(set_to_none=True)
         for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):  # short and long rows apart: less padding
-            prompts, completions, targets = zip(*half)
+            prompts, completions, targets, soft = zip(*half)
             with autocast:
                 h, _ = caopd.completion_hidden(model, prompts, completions)  # (B, L, C)
                 targets = torch.tensor([t + [-1] * (h.shape[1] - len(t)) for t in targets], device=h.device)
                 # cross-entropy on completion tokens only (the vocabulary is tiny, so full logits are fine here)
-                logits = (h @ caopd.output_weight(model).T).float()
-                ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1,
-                                                       reduction="sum") / n_tokens
+                logp = (h @ caopd.output_weight(model).T).float().log_softmax(-1)  # (B, L, V)
+                ce = torch.nn.functional.nll_loss(logp.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+                i = [r for r, c in enumerate(soft) if c is not None]  # rows whose stated confidence is soft
+                if i:
+                    at = torch.tensor([len(completions[r]) - 2 for r in i])  # the confidence token, before END
+                    ce = ce + soft_confidence_loss(logp[i, at][:, value_ids], torch.tensor([soft[r] for r in i],
+                                                                                            device=logp.device))
+                ce = ce / n_tokens
             ce.backward()
             total += ce.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -409,7 +446,10 @@ def rollout_batch(model, method, exs, verify, step, rows):
             tokens, shown, note = rollouts[i], 1.0, None  # plain OPD: the teacher is shown certainty
             if method == "caopd":  # the one change: P_acc in the completion, the solution and a Note
                 text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], decimals)
-                tokens = encode(text) + [end_id]
+                # re-encoded: the body keeps at most the rollout's own budget of tokens (a rollout of
+                # stray bytes decodes to U+FFFD, 3 bytes each, and would come back 3x longer)
+                body, value = text.rsplit("Confidence:", 1)
+                tokens = encode(body)[:max_new_tokens] + encode("Confidence:" + value) + [end_id]
             completions.append(tokens)
         # one teacher prompt per question: the K rollouts share solution, shown confidence and Note
         teacher_prompts += [teacher_tokens(ex, teacher_context, solution, shown, note)] * K
@@ -465,6 +505,8 @@ def distill(model, method, sample_train, verify, ck=None, entropy_log=None):
     n = prompts_per_step // world  # this process's prompts: rank n .. rank n + n - 1 of each step's batch
     t0 = time.time()
     for step in tqdm(range(start, steps), desc=method, mininterval=2, disable=rank != 0):
+        for g in opt.param_groups:  # cosine from lr to 0.1 x lr: the final model is not one noisy step's
+            g["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         exs = sample_train(rng, prompts_per_step)[rank * n:rank * n + n]
         prompts, completions, teacher_prompts, texts, correct, p_acc = rollout_batch(
             model, method, exs, verify, step, (rank * n * K, prompts_per_step * K))
@@ -557,8 +599,10 @@ def cached_base(base, sample_train, cache_dir, ck=None):
     give the same base, so it is trained once and reused. Returns the file's path."""
     # n_eval too: the held-out questions are left out of training, so they change the training stream
     base_settings = {k: config[k] for k in ("init_from", "seed", "data_seed", "n_eval", "n_layer", "n_head", "n_embd",
-                                            "block_size", "base_steps", "base_batch", "base_lr", "base_warmup")}
-    curriculum = inspect.getsource(base_batch_rows)  # editing the curriculum must not reuse a stale base
+                                            "block_size", "base_steps", "base_batch", "base_lr", "base_warmup",
+                                            "base_conf_sigma", "base_conf_shape")}
+    # editing the curriculum or its loss must not reuse a stale base
+    curriculum = [inspect.getsource(f) for f in (base_batch_rows, soft_confidence_loss, train_base)]
     key = hashlib.sha256(json.dumps([base_settings, caopd.output_weight(base).shape[0], caopd.TEMPLATES,
                                      curriculum]).encode()).hexdigest()[:12]
     base_path = os.path.join(cache_dir, f"base-{key}.pt")
