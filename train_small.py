@@ -6,7 +6,7 @@ distills it on-policy toward an EMA teacher that sees a worked demonstration: on
 OPD, once as CaOPD, from the same base with the same seed. Then all three answer the same
 held-out questions (greedy) and we compare accuracy and calibration.
 
-    python train_small.py                          # everything, a few minutes on 2 CPU cores
+    python train_small.py                          # everything: about 9 minutes on one CPU core
     python train_small.py --method=caopd --seed=1  # one method, another seed
     python train_small.py --smoke=True             # the whole pipeline in seconds (machinery only)
     python train_small.py --init_from=resume       # continue an interrupted run from out_dir/ckpt.pt
@@ -325,12 +325,14 @@ def base_batch_rows(rng, sample_train):
     with standard deviation base_conf_sigma (see soft_confidence_loss).
     Two thirds of the rows are student format, where the arithmetic is learned, with a broad
     confidence prior, N(0.6, 0.3) on [0, 1], so reverse KL has probability mass to move (its
-    gradient scales with the student's own probabilities). (Half and half gave bases right 0.30
-    instead of 0.46 of the time on seed 1, and cost more: teacher rows are 3x longer.)
+    gradient scales with the student's own probabilities). (Half and half gave a base right 0.30
+    instead of 0.46 of the time in a development run on seed 1, and costs more: teacher rows are
+    3x longer.)
     One third are teacher format, three ways, each with the soft target around the confidence c
     it is shown: c = 1.0 (plain OPD's context: else the teacher never says 1.0); c ~ U[0,1]; the
-    same plus the Note line. (A hard target for c = 1.0 made the teacher shown 1.0 far sharper
-    than the parabola, and CaOPD's student said 1.0 to questions it gets right 88% of the time.) Both teacher templates appear, with the reference answer as solution.
+    same plus the Note line. (In a development run, a hard target for c = 1.0 made the teacher
+    shown 1.0 far sharper than the parabola, and CaOPD's student said 1.0 to additions it got
+    right 88% of the time.) Both teacher templates appear, with the reference answer as solution.
     In half of the Note rows the completion's answer is a wrong one (context only, not trained):
     the teacher must state the Note's value after a wrong rollout too. Otherwise it learns to grade
     each rollout against the demonstration (1.0 if it matches, 0.0 if not), information the
