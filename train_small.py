@@ -225,6 +225,10 @@ def render(messages):
         return encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return encode("".join(m["content"].rstrip("\n") + "\n" for m in messages))
 
+def confidence_value_ids():
+    """The toy's stated confidences 0.0, 0.1, ..., 1.0: one token each (see caopd.toy_tokenizer)."""
+    return [t for v in range(11) for t in encode(f" {v / 10:.1f}")]
+
 def student_tokens(ex):
     return render(ex["messages"])
 
@@ -381,7 +385,7 @@ def train_base(model, sample_train, ck=None):
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = restore(ck, model, None, opt, rng)[0] if ck else 0
-    value_ids = [t for v in range(11) for t in encode(f" {v / 10:.1f}")]  # the stated confidences, one token each
+    value_ids = confidence_value_ids()
     for step in tqdm(range(start, base_steps), desc="base (SFT)", mininterval=2, disable=rank != 0):
         frac = max(0.0, (step - base_warmup) / max(1, base_steps - base_warmup))
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr
@@ -486,10 +490,9 @@ def entropy_stats(step, model, teacher, prompts, completions, hs, ht, counted):
     digits, the confidence value, and all counted tokens. For experiments.py entropy."""
     h0, _ = caopd.completion_hidden(teacher, prompts, completions)  # the teacher without its context
     tokens = torch.tensor([c + [-1] * (hs.shape[1] - len(c)) for c in completions])  # (B, L)
-    conf_ids = [t for v in range(11) for t in encode(f" {v / 10:.1f}")]
     digit_ids = [t for d in "0123456789" for t in encode(d)]
     parts = {"answer": torch.isin(tokens, torch.tensor(digit_ids)) & counted.cpu(),
-             "confidence": torch.isin(tokens, torch.tensor(conf_ids)) & counted.cpu(), "all": counted.cpu()}
+             "confidence": torch.isin(tokens, torch.tensor(confidence_value_ids())) & counted.cpu(), "all": counted.cpu()}
     row = {"step": step}
     for who, h, w in (("student", hs, caopd.output_weight(model)), ("teacher", ht, caopd.output_weight(teacher)),
                       ("teacher_no_context", h0, caopd.output_weight(teacher))):
