@@ -591,6 +591,7 @@ def _run(*args, cwd=HERE):
     ("--nope=1", "unknown setting 'nope'"), ("--K=eight", "--K must be a int"), ("--K=0", "--K=0"),
     ("--temperature=-1", "--temperature=-1.0"), ("--ema_rate=1.5", "--ema_rate=1.5"),
     ("--smoke=maybe", "--smoke must be a bool"), ("--method=grpo", "--method='grpo'"), ("K=3", "--key=value"),
+    ("--min_lr=0.1", "--min_lr=0.1"), ("--eval_every=-1", "--eval_every=-1"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, arg, words):
     r = _run(arg, f"--out_dir={tmp_path / 'out'}")
@@ -693,6 +694,21 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     assert f"resuming {ck['stage']} at step {ck['step']}" in r.stdout
     assert _without_seconds(out) == _without_seconds(reference_run)
     assert (out / "completions.jsonl").read_bytes() == (reference_run / "completions.jsonl").read_bytes()
+
+def test_held_out_evaluations_during_distillation_change_nothing(reference_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in reference_run.glob("base-*.pt"):
+        (out / f.name).write_bytes(f.read_bytes())
+    r = _run(*RUN, "--eval_every=8", "--out_dir=out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = _without_seconds(reference_run)["models"]
+    assert _without_seconds(out)["models"] == ref  # greedy evaluation draws no random numbers
+    assert (out / "completions.jsonl").read_bytes() == (reference_run / "completions.jsonl").read_bytes()
+    for m in ("opd", "caopd"):
+        lines = [l for l in r.stdout.splitlines() if l.split()[:2] == [m, "step"] and "held-out" in l]
+        assert [l.split()[2] for l in lines] == ["8", "16", "24"]
+        assert f"ECE {ref[m]['ece']:.3f} | OCG {ref[m]['ocg']:+.3f}" in lines[-1]  # the last one is the final model
 
 def test_truncated_or_corrupt_checkpoint_is_named(reference_run, tmp_path):
     data = (reference_run / "ckpt.pt").read_bytes()

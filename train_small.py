@@ -68,7 +68,7 @@ base_conf_sigma = 0.15     # the teacher's stated confidence is trained toward a
 base_conf_shape = 0.1      # deviation around the value it is shown, with this weight on the shape of its
                            # log-probabilities (a parabola): see soft_confidence_loss
 # rollouts
-steps = 200                # distillation steps, per method
+steps = 240                # distillation steps, per method
 prompts_per_step = 16      # over all processes (torchrun): each takes an equal share
 K = 8                      # rollouts per prompt; P_acc = correct / K
 smooth_p_acc = False       # P_acc = (correct + 1) / (K + 2) instead (never 0 or 1 from few rollouts)
@@ -93,12 +93,14 @@ estimator = "full"         # how the reverse KL is estimated: "full" (every voca
                            # sampled token, policy gradient), "sampled_baseline" (the same minus the closed-form
                            # value -KL, vOPD's control variate); see caopd.py after fused_linear_kl
 estimator_topk = 8         # k of estimator="topk"
-lr = 3e-4                  # at the first step, then cosine to 0.1 x lr at the last
+lr = 3e-4                  # at the first step, then cosine to min_lr at the last
+min_lr = 0.0               # 0: the final model averages the P_acc of its last stretch of steps (see distill)
 grad_clip = 1.0
 # system
 device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
 log_every = 25             # steps between printed lines
+eval_every = 0             # steps between held-out evaluations during distillation (0 = only at the end)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 SMOKE = dict(base_steps=40, base_batch=16, base_warmup=10, steps=4, prompts_per_step=4, K=4, n_eval=64, log_every=2,
              ckpt_every=2)
@@ -167,6 +169,8 @@ def check_settings():
          "batch sizes, n_eval, max_new_tokens, threads, log_every, ckpt_every and max_bad_steps must be >= 1"),
         (n_embd % n_head == 0, "n_head", f"must divide n_embd ({n_embd})"),
         (lr > 0 and base_lr > 0, "lr", "learning rates must be > 0"),
+        (0 <= min_lr <= lr, "min_lr", f"must be in [0, lr] (lr = {lr})"),
+        (eval_every >= 0, "eval_every", "must be >= 0 (0 = only at the end)"),
         (base_conf_sigma > 0, "base_conf_sigma", "must be > 0"),
         (base_conf_shape >= 0, "base_conf_shape", "must be >= 0"),
         (device in ("auto", "cpu", "cuda", "mps"), "device", "must be 'auto', 'cpu', 'cuda' or 'mps'"),
@@ -391,10 +395,14 @@ def train_base(model, sample_train, ck=None):
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr
             g["lr"] = base_lr * min((step + 1) / base_warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         rows = sorted(base_batch_rows(rng, sample_train), key=lambda r: len(r[0]) + len(r[1]))  # by length
+        # two passes, short rows and long rows, split where padding each to its longest row costs least
+        # (the toy: student rows ~25 tokens, teacher rows ~85; halves would pad a third of the student rows)
+        lens = [len(r[0]) + len(r[1]) for r in rows]
+        k = min(range(1, len(rows) + 1), key=lambda k: k * lens[k - 1] + (len(rows) - k) * lens[-1])
         n_tokens, total = sum(sum(t >= 0 for t in r[2]) + (r[3] is not None) for r in rows), 0.0
         opt.zero_grad(set_to_none=True)
-        for half in (rows[:len(rows) // 2], rows[len(rows) // 2:]):  # short and long rows apart: less padding
-            prompts, completions, targets, soft = zip(*half)
+        for part in [p for p in (rows[:k], rows[k:]) if p]:
+            prompts, completions, targets, soft = zip(*part)
             with autocast:
                 h, _ = caopd.completion_hidden(model, prompts, completions)  # (B, L, C)
                 targets = torch.tensor([t + [-1] * (h.shape[1] - len(t)) for t in targets], device=h.device)
@@ -501,8 +509,9 @@ def entropy_stats(step, model, teacher, prompts, completions, hs, ht, counted):
             row[f"{who}_{part}"] = ent[sel].mean().item() if sel.any() else float("nan")
     return row
 
-def distill(model, method, sample_train, verify, ck=None, entropy_log=None):
-    """Stage 1 on model, in place. entropy_log: a list to append entropy_stats() to every log_every steps."""
+def distill(model, method, sample_train, verify, ck=None, entropy_log=None, held=None):
+    """Stage 1 on model, in place. entropy_log: a list to append entropy_stats() to every log_every
+    steps; held: the held-out questions, evaluated every eval_every steps."""
     rng = random.Random(seed + 1)  # OPD and CaOPD see the same questions
     teacher = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -510,8 +519,11 @@ def distill(model, method, sample_train, verify, ck=None, entropy_log=None):
     n = prompts_per_step // world  # this process's prompts: rank n .. rank n + n - 1 of each step's batch
     t0 = time.time()
     for step in tqdm(range(start, steps), desc=method, mininterval=2, disable=rank != 0):
-        for g in opt.param_groups:  # cosine from lr to 0.1 x lr: the final model is not one noisy step's
-            g["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        # cosine from lr to min_lr. The stated confidence follows the P_acc of the last few batches:
+        # with min_lr = 0.1 x lr it still swung by up to 0.1 between evaluations 10 steps apart
+        # (--eval_every=10); decayed to 0, the final model averages over its last stretch of steps
+        for g in opt.param_groups:
+            g["lr"] = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * step / steps))
         exs = sample_train(rng, prompts_per_step)[rank * n:rank * n + n]
         prompts, completions, teacher_prompts, texts, correct, p_acc = rollout_batch(
             model, method, exs, verify, step, (rank * n * K, prompts_per_step * K))
@@ -541,6 +553,10 @@ def distill(model, method, sample_train, verify, ck=None, entropy_log=None):
         if step % log_every == 0 or step == steps - 1:
             tqdm.write(f"{method:5s} step {step:4d} | {loss} KL {stats[0]:.4f} | rollout acc {stats[1]:.3f}"
                        f" | P_acc {stats[2]:.3f} | stated conf {stats[3]:.3f} | format {stats[4]:.2f} | {time.time() - t0:.1f}s")
+        if held and eval_every and (step + 1) % eval_every == 0 and rank == 0:
+            m, _ = evaluate(model, method, held, verify)
+            tqdm.write(f"{method:5s} step {step + 1:4d} | held-out acc {m['accuracy']:.3f} | conf {m['mean_confidence']:.3f}"
+                       f" | ECE {m['ece']:.3f} | OCG {m['ocg']:+.3f} | SPR {m['spr']:.3f} | AUROC {m['auroc']:.3f}")
         if (step + 1) % ckpt_every == 0 and step + 1 < steps:
             save_checkpoint(method, step + 1, model, teacher, opt, rng, bad, skipped)
     save_checkpoint(method, steps, model, teacher, opt, rng, bad, skipped)
@@ -697,7 +713,7 @@ def main(argv):
             models[m].load_state_dict(saved["model"])
             skipped[m] = saved["skipped"]
         else:
-            skipped[m] = distill(models[m], m, sample_train, verify, ck if i == at else None)
+            skipped[m] = distill(models[m], m, sample_train, verify, ck if i == at else None, held=held)
             if rank == 0:
                 write_atomic(path, {"model": models[m].state_dict(), "config": config, "skipped": skipped[m]}, "wb")
                 if init_from != "scratch":
