@@ -6,7 +6,7 @@ distills it on-policy toward an EMA teacher that sees a worked demonstration: on
 OPD, once as CaOPD, from the same base with the same seed. Then all three answer the same
 held-out questions (greedy) and we compare accuracy and calibration.
 
-    python train_small.py                          # everything: about 8 minutes on one CPU core
+    python train_small.py                          # everything: about 9 minutes on one CPU core
     python train_small.py --method=caopd --seed=1  # one method, another seed
     python train_small.py --smoke=True             # the whole pipeline in seconds (machinery only)
     python train_small.py --init_from=resume       # continue an interrupted run from out_dir/ckpt.pt
