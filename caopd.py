@@ -521,67 +521,6 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
         return (hs.sum() + ws.sum()) * 0.0  # nothing counts: zero loss, zero gradients
     return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size))
 
-# Other estimators of the same per-token reverse KL, for the ablation in experiments.py
-# (train_small.py --estimator=...). Each takes the arguments of fused_linear_kl and returns a
-# scalar whose VALUE estimates the weighted mean KL and whose GRADIENT is the estimator's
-# gradient. They form (N, V) logits in plain autograd: fine for the toy's 331 tokens, and
-# deliberately so: they are here to be compared, not to save memory.
-
-def _log_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask):
-    acc = torch.promote_types(student_hidden.dtype, torch.float32)  # softmax math in fp32 at least
-    logp_s = F.log_softmax((student_hidden @ student_weight.T).to(acc), -1)  # (N, V)
-    logp_t = F.log_softmax((teacher_hidden @ teacher_weight.T).to(acc), -1).detach()  # (N, V)
-    w = mask.detach().to(logp_s.dtype)
-    return logp_s, logp_t, w / w.sum().clamp(min=1e-30)  # each position's share of the mean
-
-def topk_tail_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, k):
-    """KL(p_s || p_t) over k + 1 outcomes: the student's k most likely tokens S, and one "tail"
-    bucket holding the rest of each distribution's mass (1 - p(S)). Coarsening two distributions
-    the same way never increases their KL, so this is a lower bound on the full KL, exact when
-    the k tokens carry all the mass where the two differ. S is chosen without gradient. Only the
-    teacher's probabilities of k tokens are needed (with a real teacher: no full distribution)."""
-    logp_s, logp_t, w = _log_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask)
-    top = logp_s.detach().topk(min(k, logp_s.shape[1] - 1), -1).indices  # (N, k)
-    ls, lt = logp_s.gather(1, top), logp_t.gather(1, top)  # (N, k)
-    tail = lambda lp: torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))  # (N,) log(1 - p(S))
-    ls, lt = torch.cat([ls, tail(ls)[:, None]], 1), torch.cat([lt, tail(lt)[:, None]], 1)  # (N, k + 1)
-    return ((ls.exp() * (ls - lt)).sum(-1) * w).sum()
-
-def sampled_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, tokens, baseline=False):
-    """The sampled-token (policy-gradient) estimator: only the token y_t actually in the
-    completion is scored. Per position, with reward r = log p_t(y) - log p_s(y):
-        KL(p_s || p_t) = E_{y ~ p_s}[-r]                 (so -r is an unbiased estimate of the value)
-        d KL / d theta = E_y[(log p_s(y) - log p_t(y)) d log p_s(y)] + E_y[d log p_s(y)]
-                       = E_y[-r d log p_s(y)]             (the second term is d(sum_y p_s(y)) = 0)
-    so the surrogate -sg(r) log p_s(y) has, in expectation over y ~ p_s, the full-vocabulary
-    gradient at that position (sg = no gradient). Like the full loss it treats each position's
-    state as given (per-token reward, no return-to-go): both estimate the same gradient.
-    baseline=True subtracts the value b = E_y[r] = -KL(p_s || p_t), in closed form over the
-    vocabulary and without gradient (the control variate of "KL for a KL", vOPD): the advantage is
-    r - b = r + KL. E_y[b d log p_s(y)] = b * 0, so the expectation is unchanged; the variance
-    falls when r and its mean move together.
-    Unbiased only where y ~ p_s: CaOPD replaces the confidence token (and the end token) with
-    P_acc, which the student did not sample. There the surrogate is a weighted log-likelihood
-    step on the written token, pushed up when the teacher likes it more than the student does.
-    tokens (N,): the completion token each position predicts (any value where mask is 0)."""
-    logp_s, logp_t, w = _log_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask)
-    y = tokens[:, None]
-    logp_y = logp_s.gather(1, y)[:, 0]  # (N,) log p_s(y_t), with gradient
-    reward = (logp_t.gather(1, y)[:, 0] - logp_y).detach()  # (N,) log p_t(y_t) - log p_s(y_t)
-    advantage = reward
-    if baseline:
-        kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1).detach()  # (N,) closed form
-        advantage = reward + kl  # r - b with b = -KL
-    surrogate = (-advantage * logp_y * w).sum()
-    # value: the sampled estimate of the mean KL (mean of -r); gradient: the surrogate's
-    return surrogate - surrogate.detach() + (-reward * w).sum()
-
-def entropy(hidden, weight):
-    """Per-position entropy (nats) of softmax(hidden @ weight.T): hidden (N, d), weight (V, d) -> (N,)."""
-    logits = hidden @ weight.T  # (N, V)
-    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-    return -(logp.exp() * logp).sum(-1)
-
 # -----------------------------------------------------------------------------
 # Metrics: one answer per question, its verdict and its stated confidence
 

@@ -14,9 +14,13 @@ table. Every train_small.py setting can be given too (--steps=300, --n_eval=1000
 TRAIN below is where the experiments start from instead of train_small.py's defaults: fewer
 distillation steps, so that each experiment fits in about 15 minutes on one CPU core.
 Base and distilled models are cached in cache_dir under a hash of everything that made them
-(settings, start model, training questions, the source of caopd.py, train_small.py and
-data/arith.py): experiments that need the same model train it once. The entropy of every OPD and
-CaOPD run is logged while it trains (train_small.entropy_stats) and cached with the model.
+(settings, start model, training questions, the source of the code that trains them):
+experiments that need the same model train it once. The entropy of every OPD and CaOPD run is
+logged while it trains (entropy_stats below) and cached with the model.
+Also here: the ablation-only estimators of the reverse KL (top-k + tail, sampled token, sampled
+token with a baseline) and the entropy, which the method in caopd.py does not need.
+
+    python experiments.py --help       # the experiments' settings, then train_small.py's
 """
 import copy
 import hashlib
@@ -29,86 +33,183 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import caopd
+import common
+import toy_base
 import train_small as ts
 from data import arith
 
 # -----------------------------------------------------------------------------
-# settings of the experiments themselves (--key=value, like train_small.py's)
+# settings: the experiments' own (--key=value, like train_small.py's, which can be given too)
+# experiments
 out_dir = ""                          # "" = out/experiments/<name>
 cache_dir = "out/experiments/cache"   # base and distilled models, by the hash of what made them
 sizes = "2x32,2x64,3x96,4x128"        # scaling: n_layer x n_embd (n_head = n_embd / 32)
 ood_n = 500                           # ood: questions per out-of-distribution set
 continual_steps = 100                 # continual: distillation steps per task
 grad_batches = 8                      # estimators: independent batches for the gradient variance
+estimator_topk = 8                    # estimators: k of the top-k + tail estimator
 Ks = "2,4,8,16"                       # pacc: rollouts per prompt
 smoothed_Ks = "2"                     # pacc: the K that also run with P_acc = (c + 1) / (K + 2)
-OWN = ["out_dir", "cache_dir", "sizes", "ood_n", "continual_steps", "grad_batches", "Ks", "smoothed_Ks"]
+# -----------------------------------------------------------------------------
+OWN = common.settings_block(globals(), __file__)
 # train_small.py settings every experiment starts from (the command line overrides them)
 TRAIN = dict(steps=150, n_eval=500, log_every=10, ckpt_every=10_000)
 METHODS = ("opd", "caopd")
-ESTIMATORS = ("full", "topk", "sampled", "sampled_baseline")
-# -----------------------------------------------------------------------------
-
-DEFAULTS = {k: getattr(ts, k) for k in ts.config_keys}  # train_small.py's own defaults
 CLI = {}  # train_small.py settings given on the command line
 
-def configure(**run):
-    """train_small's settings <- its defaults, then TRAIN, the command line, and this run's own
-    (the thing an experiment varies); the globals its main() would set. Returns the new,
-    untrained model."""
-    for k, v in {**DEFAULTS, **TRAIN, **CLI, **run}.items():
-        setattr(ts, k, v)
-    ts.rank, ts.world = 0, 1
-    ts.check_settings()
-    if ts.device == "auto":
-        ts.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    torch.set_num_threads(ts.threads)
-    ts.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in ts.device else ts.nullcontext()
-    ts.config = {k: getattr(ts, k) for k in ts.config_keys}
-    ts.ckpt_path = os.path.join(ts.out_dir, "ckpt.pt")
-    model, ts.tok, ts.end_id, _ = ts.load_model()
-    ts.decimals = arith.DECIMALS
-    return model
+def start():
+    """TRAIN, less what --smoke shrinks when it is given (smoke wins over TRAIN, the command line over both)."""
+    return {k: v for k, v in TRAIN.items() if not (CLI.get("smoke") and k in ts.SMOKE)}
 
-def task(ops="+*", n=None, digits=None):
+def configure(**run):
+    """(settings, new untrained model, tokenizer) of one run: train_small's defaults, then TRAIN, the
+    command line, and this run's own (the thing an experiment varies)."""
+    cfg = ts.settings(**{**start(), **CLI, **run})
+    cfg.device = common.resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    model, tok, _ = common.load_model(cfg)
+    return cfg, model, tok
+
+def task(cfg, ops="+*", n=None, digits=None):
     """(held-out questions, sampler of training questions, verify) for a question mix."""
-    held, sample_train = arith.split(ts.data_seed, n or ts.n_eval, ops, digits)
-    return held, sample_train, lambda ex, text: caopd.verify_arith(ex["answer"], text)
+    held, sample_train = arith.split(cfg.data_seed, n or cfg.n_eval, ops, digits)
+    return held, sample_train, verify
+
+def verify(ex, text):
+    return caopd.verify_arith(ex["answer"], text)
 
 def base_model(**run):
-    """The base model of these settings (stage 0, cached), its file's name and the default task."""
-    model = configure(**run)
-    held, sample_train, verify = task()
-    path = ts.cached_base(model, sample_train, cache_dir)
-    return model, os.path.basename(path), (held, sample_train, verify)
+    """The base model of these settings (stage 0, cached): (settings, model, tokenizer, its file's
+    name, the default task)."""
+    cfg, model, tok = configure(**run)
+    held, sample_train, _ = task(cfg)
+    path = toy_base.cached_base(cfg, model, tok, sample_train, cache_dir)
+    return cfg, model, tok, os.path.basename(path), (held, sample_train)
 
-CODE = "".join(open(m.__file__).read() for m in (caopd, ts, arith))
+CODE = "".join(open(m.__file__).read() for m in (caopd, ts, common, toy_base, arith))
 
-def trained(start, start_name, method, sample_train, verify, data="+*"):
+def trained(cfg, tok, start, start_name, method, sample_train, data="+*", estimator="full"):
     """A copy of `start` distilled with `method` on questions `data`, from cache_dir when these
     settings ran before. Returns (model, name of its cache file, entropy log of its run)."""
-    settings = {k: v for k, v in ts.config.items()
+    settings = {k: v for k, v in vars(cfg).items()
                 if k not in ("out_dir", "device", "threads", "log_every", "ckpt_every", "n_eval", "eval_batch")}
-    key = hashlib.sha256(json.dumps([settings, method, start_name, data, CODE]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([settings, method, start_name, data, estimator, estimator_topk, CODE])
+                         .encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"{method}-{key}.pt")
     model = copy.deepcopy(start)
     if os.path.exists(path):
-        saved = ts.load_checkpoint(path)
+        saved = common.load_checkpoint(path)
         model.load_state_dict(saved["model"])
         print(f"reusing {method} model {path}")
         return model, os.path.basename(path), saved["entropy"]
     log = []
-    ts.distill(model, method, sample_train, verify, entropy_log=log)
-    ts.write_atomic(path, {"model": model.state_dict(), "settings": settings, "entropy": log}, "wb")
+    ts.distill(cfg, model, tok, method, sample_train, verify, estimator=ESTIMATORS[estimator],
+               on_log=lambda *a: log.append(entropy_stats(tok, *a)))
+    common.write_atomic(path, {"model": model.state_dict(), "settings": settings, "entropy": log}, "wb")
     return model, os.path.basename(path), log
 
-def evaluate(model, name, held):
-    return ts.evaluate(model, name, held, lambda ex, text: caopd.verify_arith(ex["answer"], text))
+def evaluate(cfg, tok, model, name, held):
+    return ts.evaluate(cfg, model, tok, name, held, verify)
+
+# -----------------------------------------------------------------------------
+# estimators of the reverse KL and the entropy, for the ablations below
+
+# Other estimators of the same per-token reverse KL as caopd.fused_linear_kl. Each takes its
+# arguments and returns a scalar whose VALUE estimates the weighted mean KL and whose GRADIENT is
+# the estimator's gradient. They form (N, V) logits in plain autograd: fine for the toy's 331 tokens, and
+# deliberately so: they are here to be compared, not to save memory.
+
+def _log_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask):
+    acc = torch.promote_types(student_hidden.dtype, torch.float32)  # softmax math in fp32 at least
+    logp_s = F.log_softmax((student_hidden @ student_weight.T).to(acc), -1)  # (N, V)
+    logp_t = F.log_softmax((teacher_hidden @ teacher_weight.T).to(acc), -1).detach()  # (N, V)
+    w = mask.detach().to(logp_s.dtype)
+    return logp_s, logp_t, w / w.sum().clamp(min=1e-30)  # each position's share of the mean
+
+def topk_tail_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, k):
+    """KL(p_s || p_t) over k + 1 outcomes: the student's k most likely tokens S, and one "tail"
+    bucket holding the rest of each distribution's mass (1 - p(S)). Coarsening two distributions
+    the same way never increases their KL, so this is a lower bound on the full KL, exact when
+    the k tokens carry all the mass where the two differ. S is chosen without gradient. Only the
+    teacher's probabilities of k tokens are needed (with a real teacher: no full distribution)."""
+    logp_s, logp_t, w = _log_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask)
+    top = logp_s.detach().topk(min(k, logp_s.shape[1] - 1), -1).indices  # (N, k)
+    ls, lt = logp_s.gather(1, top), logp_t.gather(1, top)  # (N, k)
+    tail = lambda lp: torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-6))  # (N,) log(1 - p(S))
+    ls, lt = torch.cat([ls, tail(ls)[:, None]], 1), torch.cat([lt, tail(lt)[:, None]], 1)  # (N, k + 1)
+    return ((ls.exp() * (ls - lt)).sum(-1) * w).sum()
+
+def sampled_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, tokens, baseline=False):
+    """The sampled-token (policy-gradient) estimator: only the token y_t actually in the
+    completion is scored. Per position, with reward r = log p_t(y) - log p_s(y):
+        KL(p_s || p_t) = E_{y ~ p_s}[-r]                 (so -r is an unbiased estimate of the value)
+        d KL / d theta = E_y[(log p_s(y) - log p_t(y)) d log p_s(y)] + E_y[d log p_s(y)]
+                       = E_y[-r d log p_s(y)]             (the second term is d(sum_y p_s(y)) = 0)
+    so the surrogate -sg(r) log p_s(y) has, in expectation over y ~ p_s, the full-vocabulary
+    gradient at that position (sg = no gradient). Like the full loss it treats each position's
+    state as given (per-token reward, no return-to-go): both estimate the same gradient.
+    baseline=True subtracts the value b = E_y[r] = -KL(p_s || p_t), in closed form over the
+    vocabulary and without gradient (the control variate of "KL for a KL", vOPD): the advantage is
+    r - b = r + KL. E_y[b d log p_s(y)] = b * 0, so the expectation is unchanged; the variance
+    falls when r and its mean move together.
+    Unbiased only where y ~ p_s: CaOPD replaces the confidence token (and the end token) with
+    P_acc, which the student did not sample. There the surrogate is a weighted log-likelihood
+    step on the written token, pushed up when the teacher likes it more than the student does.
+    tokens (N,): the completion token each position predicts (any value where mask is 0)."""
+    logp_s, logp_t, w = _log_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask)
+    y = tokens[:, None]
+    logp_y = logp_s.gather(1, y)[:, 0]  # (N,) log p_s(y_t), with gradient
+    reward = (logp_t.gather(1, y)[:, 0] - logp_y).detach()  # (N,) log p_t(y_t) - log p_s(y_t)
+    advantage = reward
+    if baseline:
+        kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1).detach()  # (N,) closed form
+        advantage = reward + kl  # r - b with b = -KL
+    surrogate = (-advantage * logp_y * w).sum()
+    # value: the sampled estimate of the mean KL (mean of -r); gradient: the surrogate's
+    return surrogate - surrogate.detach() + (-reward * w).sum()
+
+def entropy(hidden, weight):
+    """Per-position entropy (nats) of softmax(hidden @ weight.T): hidden (N, d), weight (V, d) -> (N,)."""
+    logits = hidden @ weight.T  # (N, V)
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+ESTIMATORS = {  # name -> a function of kl_loss's estimator arguments; None is the fused loss
+    "full": None,
+    "topk": lambda hs, ws, ht, wt, w, tokens: topk_tail_kl(hs, ws, ht, wt, w, estimator_topk),
+    "sampled": lambda hs, ws, ht, wt, w, tokens: sampled_kl(hs, ws, ht, wt, w, tokens),
+    "sampled_baseline": lambda hs, ws, ht, wt, w, tokens: sampled_kl(hs, ws, ht, wt, w, tokens, baseline=True),
+}
+
+@torch.no_grad()
+def entropy_stats(tok, step, model, teacher, prompts, completions, teacher_prompts):
+    """Mean per-token entropy (nats) of the student, of the teacher with its privileged context,
+    and of the teacher on the student's prompt (no context), on the completion tokens: answer
+    digits, the confidence value, and all counted tokens."""
+    hs, lens = caopd.completion_hidden(model, prompts, completions)  # (B, L, C)
+    ht, _ = caopd.completion_hidden(teacher, teacher_prompts, completions)
+    h0, _ = caopd.completion_hidden(teacher, prompts, completions)  # the teacher without its context
+    counted = torch.arange(hs.shape[1])[None] < torch.tensor(lens)[:, None]  # (B, L)
+    tokens = torch.tensor([c + [-1] * (hs.shape[1] - len(c)) for c in completions])  # (B, L)
+    digit_ids = [t for d in "0123456789" for t in common.encode(tok, d)]
+    parts = {"answer": torch.isin(tokens, torch.tensor(digit_ids)) & counted,
+             "confidence": torch.isin(tokens, torch.tensor(common.confidence_value_ids(tok))) & counted,
+             "all": counted}
+    row = {"step": step}
+    for who, h, w in (("student", hs, caopd.output_weight(model)), ("teacher", ht, caopd.output_weight(teacher)),
+                      ("teacher_no_context", h0, caopd.output_weight(teacher))):
+        ent = entropy(h.flatten(0, 1), w).view(h.shape[:2]).cpu()  # (B, L)
+        for part, sel in parts.items():
+            row[f"{who}_{part}"] = ent[sel].mean().item() if sel.any() else float("nan")
+    return row
 
 # -----------------------------------------------------------------------------
 # tables and files
+
+OUT = ""  # the folder of the experiment that runs now (main sets it)
 
 COLUMNS = [("acc", "accuracy", "{:.3f}"), ("conf", "mean_confidence", "{:.3f}"), ("ECE", "ece", "{:.3f}"),
            ("Brier", "brier", "{:.3f}"), ("OCG", "ocg", "{:+.3f}"), ("SPR", "spr", "{:.3f}"),
@@ -126,8 +227,8 @@ def table(rows, keys, columns=COLUMNS):
 def write(name, result, t0):
     result["seconds"] = round(time.time() - t0, 1)
     result["settings"] = {"experiment": {k: globals()[k] for k in OWN}, "train_small": {**TRAIN, **CLI}}
-    ts.write_atomic(os.path.join(ts.out_dir, f"{name}.json"), json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {ts.out_dir}/{name}.json and {name}.png in {result['seconds']:.0f}s")
+    common.write_json(os.path.join(OUT, f"{name}.json"), result)
+    print(f"\nwrote {OUT}/{name}.json and {name}.png in {result['seconds']:.0f}s")
 
 def figure(cols, rows=1, size=4.2):
     import matplotlib
@@ -138,7 +239,7 @@ def figure(cols, rows=1, size=4.2):
 
 def save(plt, fig, name):
     fig.tight_layout()
-    fig.savefig(os.path.join(ts.out_dir, f"{name}.png"), dpi=110)
+    fig.savefig(os.path.join(OUT, f"{name}.png"), dpi=110)
     plt.close(fig)
 
 # -----------------------------------------------------------------------------
@@ -149,12 +250,12 @@ def scaling():
     rows = []
     for size in sizes.split(","):
         n_layer, n_embd = map(int, size.split("x"))
-        base, base_name, (held, sample_train, verify) = base_model(n_layer=n_layer, n_embd=n_embd,
-                                                                   n_head=max(1, n_embd // 32))
+        cfg, base, tok, base_name, (held, sample_train) = base_model(n_layer=n_layer, n_embd=n_embd,
+                                                                     n_head=max(1, n_embd // 32))
         params = sum(p.numel() for p in base.parameters())
         for method in ("base",) + METHODS:
-            model = base if method == "base" else trained(base, base_name, method, sample_train, verify)[0]
-            m, _ = evaluate(model, method, held)
+            model = base if method == "base" else trained(cfg, tok, base, base_name, method, sample_train)[0]
+            m, _ = evaluate(cfg, tok, model, method, held)
             rows.append({"size": size, "params": f"{params / 1e6:.2f}M", "model": method, **m})
     print(table(rows, ["size", "params", "model"]))
     plt, fig, axes = figure(1, size=5)
@@ -178,14 +279,14 @@ def scaling():
 PARTS = ("answer", "confidence")
 WHO = ("student", "teacher", "teacher_no_context")
 
-def entropy():
+def entropy_experiment():
     """The entropy log of the OPD (and CaOPD) run at the default size: per-token entropies on the
-    completion tokens, every log_every steps (train_small.entropy_stats)."""
-    base, base_name, (held, sample_train, verify) = base_model()
-    logs = {method: trained(base, base_name, method, sample_train, verify)[2] for method in METHODS}
+    completion tokens, every log_every steps (entropy_stats)."""
+    cfg, base, tok, base_name, (held, sample_train) = base_model()
+    logs = {method: trained(cfg, tok, base, base_name, method, sample_train)[2] for method in METHODS}
     cols = [(f"{who} {part}", f"{who}_{part}", "{:.3f}") for part in PARTS for who in WHO]
-    rows = [{"method": method, "step": r["step"], **r} for method in METHODS for r in logs[method]
-            if r["step"] in (0, ts.steps // 2 // ts.log_every * ts.log_every, (ts.steps - 1) // ts.log_every * ts.log_every)]
+    at = (0, cfg.steps // 2 // cfg.log_every * cfg.log_every, (cfg.steps - 1) // cfg.log_every * cfg.log_every)
+    rows = [{"method": method, "step": r["step"], **r} for method in METHODS for r in logs[method] if r["step"] in at]
     print(table(rows, ["method", "step"], cols))
     plt, fig, axes = figure(2, len(METHODS))
     for i, method in enumerate(METHODS):
@@ -202,32 +303,33 @@ def entropy():
 # -----------------------------------------------------------------------------
 # 3. out of distribution: harder questions, an unseen operation
 
-def ood_sets():
+def ood_sets(cfg):
     """name -> questions. "in_dist": the held-out questions of training's mix. "add4": additions
     with a 4-digit operand (training's have at most 3; the prompt is two tokens longer). "mul3":
     multiplications with a 3-digit operand (training's have at most 2; same prompt length).
     "sub": subtractions, an operation never trained (same prompt length)."""
     big = lambda ex, d: max(map(int, re.split(r"[-+*]", ex["id"]))) >= 10 ** (d - 1)
-    sets = {"in_dist": task()[0]}
+    sets = {"in_dist": task(cfg)[0]}
     for name, ops, digits, keep in (("add4", "+", 4, lambda ex: big(ex, 4)), ("mul3", "*", 3, lambda ex: big(ex, 3)),
                                     ("sub", "-", None, lambda ex: True)):
-        held = [ex for ex in task(ops, 4 * ood_n, digits)[0] if keep(ex)][:ood_n]
-        assert len(held) == ood_n, f"only {len(held)} {name} questions; lower --ood_n"
+        held = [ex for ex in task(cfg, ops, 4 * ood_n, digits)[0] if keep(ex)][:ood_n]
+        if len(held) < ood_n:
+            common.die(f"--ood_n={ood_n}: only {len(held)} {name} questions; lower it")
         sets[name] = held
     return sets
 
 def ood():
-    base, base_name, (held, sample_train, verify) = base_model()
-    models = {"base": base, **{m: trained(base, base_name, m, sample_train, verify)[0] for m in METHODS}}
-    sets, rows, results = ood_sets(), [], {}
+    cfg, base, tok, base_name, (held, sample_train) = base_model()
+    models = {"base": base, **{m: trained(cfg, tok, base, base_name, m, sample_train)[0] for m in METHODS}}
+    sets, rows, results = ood_sets(cfg), [], {}
     for method, model in models.items():
         for name, questions in sets.items():
-            m, records = evaluate(model, method, questions)
+            m, records = evaluate(cfg, tok, model, method, questions)
             rows.append({"set": name, "model": method, **m})
             results[f"{method} {name}"] = (m, records)
     rows.sort(key=lambda r: list(sets).index(r["set"]))
     print(table(rows, ["set", "model"]))
-    ts.reliability_diagram(results, os.path.join(ts.out_dir, "ood.png"), columns=len(sets))
+    common.reliability_diagram(results, os.path.join(OUT, "ood.png"), columns=len(sets))
     return {"rows": rows, "table": table(rows, ["set", "model"]),
             "examples": {name: [ex["question"] for ex in questions[:3]] for name, questions in sets.items()}}
 
@@ -238,17 +340,17 @@ def continual():
     """OPD and CaOPD distilled on additions for continual_steps, then continued on
     multiplications; each phase starts a new frozen teacher (the student at its start).
     Evaluated on held-out additions and multiplications after each phase."""
-    base, base_name, _ = base_model(steps=continual_steps)
-    (held_a, train_a, verify), (held_b, train_b, _) = task("+"), task("*")
+    cfg, base, tok, base_name, _ = base_model(steps=continual_steps)
+    (held_a, train_a, _), (held_b, train_b, _) = task(cfg, "+"), task(cfg, "*")
     rows = []
     evaluate_both = lambda model, method, phase: [
-        rows.append({"model": method, "after": phase, "eval on": name, **evaluate(model, method, held)[0]})
+        rows.append({"model": method, "after": phase, "eval on": name, **evaluate(cfg, tok, model, method, held)[0]})
         for name, held in (("A: add", held_a), ("B: mul", held_b))]
     evaluate_both(base, "base", "base")
     for method in METHODS:
-        after_a, name_a, _ = trained(base, base_name, method, train_a, verify, data="+")
+        after_a, name_a, _ = trained(cfg, tok, base, base_name, method, train_a, data="+")
         evaluate_both(after_a, method, "A")
-        after_b, _, _ = trained(after_a, name_a, method, train_b, verify, data="*")
+        after_b, _, _ = trained(cfg, tok, after_a, name_a, method, train_b, data="*")
         evaluate_both(after_b, method, "A then B")
     keys = ["model", "after", "eval on"]
     print(table(rows, keys))
@@ -268,23 +370,21 @@ def continual():
 # -----------------------------------------------------------------------------
 # 5. estimators of the reverse KL: calibration, accuracy, gradient noise
 
-def gradient_noise(model, held_out_train, verify):
+def gradient_noise(cfg, tok, model, sample_train):
     """For the fixed model (its own frozen teacher), grad_batches independent CaOPD batches; on
     each, the gradient of every estimator on the same rollouts. Returns per estimator: the trace
     of the gradients' covariance across batches, the mean squared distance to the full-vocabulary
     gradient of the same batch, the mean cosine to it, and the cosine of the mean gradients."""
     teacher = copy.deepcopy(model).requires_grad_(False)
-    rng, grads = random.Random(ts.seed + 2), {e: [] for e in ESTIMATORS}
+    rng, grads = random.Random(cfg.seed + 2), {e: [] for e in ESTIMATORS}
     for b in range(grad_batches):
-        exs = held_out_train(rng, ts.prompts_per_step)
+        exs = sample_train(rng, cfg.prompts_per_step)
         prompts, completions, teacher_prompts, *_ = ts.rollout_batch(
-            model, "caopd", exs, verify, 1_000_000 + b, (0, ts.prompts_per_step * ts.K))
-        for e in ESTIMATORS:
-            ts.estimator = e
+            cfg, model, tok, "caopd", exs, verify, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
+        for e, fn in ESTIMATORS.items():
             model.zero_grad(set_to_none=True)
-            ts.kl_loss(model, teacher, prompts, completions, teacher_prompts)[0].backward()
+            ts.kl_loss(cfg, model, teacher, prompts, completions, teacher_prompts, fn)[0].backward()
             grads[e].append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
-    ts.estimator = "full"
     G = {e: torch.stack(g) for e, g in grads.items()}  # (batches, parameters)
     cos = torch.nn.functional.cosine_similarity
     return {e: {"trace_cov": G[e].var(0).sum().item(), "mean_sq_norm": (G[e] ** 2).sum(1).mean().item(),
@@ -294,14 +394,12 @@ def gradient_noise(model, held_out_train, verify):
 
 def estimators():
     """CaOPD with each estimator from the same base; and the gradient noise of each at the base."""
-    base, base_name, (held, sample_train, verify) = base_model()
+    cfg, base, tok, base_name, (held, sample_train) = base_model()
     rows = []
     for e in ESTIMATORS:
-        configure(estimator=e)
-        model = trained(base, base_name, "caopd", sample_train, verify)[0]
-        rows.append({"estimator": e, **evaluate(model, e, held)[0]})
-    configure()
-    noise = gradient_noise(base, sample_train, verify)
+        model = trained(cfg, tok, base, base_name, "caopd", sample_train, estimator=e)[0]
+        rows.append({"estimator": e, **evaluate(cfg, tok, model, e, held)[0]})
+    noise = gradient_noise(cfg, tok, base, sample_train)
     for r in rows:
         r.update(noise[r["estimator"]])
     cols = COLUMNS[:6] + [("grad trace cov", "trace_cov", "{:.3g}"), ("E|g - g_full|^2", "sq_dist_to_full", "{:.3g}"),
@@ -325,13 +423,13 @@ def estimators():
 # 6. P_acc from K rollouts, raw and smoothed
 
 def pacc():
-    base, base_name, (held, sample_train, verify) = base_model()
+    cfg, base, tok, base_name, (held, sample_train) = base_model()
     runs = [(int(k), False) for k in Ks.split(",") if k] + [(int(k), True) for k in smoothed_Ks.split(",") if k]
     rows = []
     for k, smooth in runs:
-        configure(K=k, smooth_p_acc=smooth)
-        model = trained(base, base_name, "caopd", sample_train, verify)[0]
-        rows.append({"K": k, "P_acc": "(c+1)/(K+2)" if smooth else "c/K", **evaluate(model, "caopd", held)[0]})
+        run = ts.settings(**{**start(), **CLI, "K": k, "smooth_p_acc": smooth, "device": cfg.device})
+        model = trained(run, tok, base, base_name, "caopd", sample_train)[0]
+        rows.append({"K": k, "P_acc": "(c+1)/(K+2)" if smooth else "c/K", **evaluate(run, tok, model, "caopd", held)[0]})
     print(table(rows, ["K", "P_acc"]))
     plt, fig, axes = figure(3, size=3.8)
     for smooth, style in ((False, "o-"), (True, "s--")):
@@ -346,40 +444,38 @@ def pacc():
 
 # -----------------------------------------------------------------------------
 
-EXPERIMENTS = {"scaling": scaling, "entropy": entropy, "ood": ood, "continual": continual,
+EXPERIMENTS = {"scaling": scaling, "entropy": entropy_experiment, "ood": ood, "continual": continual,
                "estimators": estimators, "pacc": pacc}
 
+def show_help():
+    common.print_help(OWN, f"python experiments.py {{{','.join(EXPERIMENTS)},all}} [--key=value ...]",
+                      "\n\n".join(__doc__.strip().split("\n\n")[:2]),
+                      also=(f"train_small.py's settings, which every experiment starts from, with TRAIN = {TRAIN} "
+                            "instead of its defaults:", {k: v for k, v in ts.SETTINGS.items() if k not in OWN}))
+
 def main(argv):
+    global OUT
+    if argv and argv[0] in ("--help", "-h"):
+        show_help()
+        sys.exit(0)
     if not argv or argv[0] not in (*EXPERIMENTS, "all"):
-        ts.die(f"usage: python experiments.py {{{','.join(EXPERIMENTS)},all}} [--key=value ...]")
+        common.die(f"the first argument names the experiment: {', '.join(EXPERIMENTS)} or all (--help lists the settings)")
     names = list(EXPERIMENTS) if argv[0] == "all" else [argv[0]]
-    own, rest = [], []
-    for arg in argv[1:]:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") and "=" in arg else None
-        (own if key in OWN else rest).append(arg)
-    for arg in own:
-        key, text = arg[2:].split("=", 1)
-        kind = type(globals()[key])
-        try:
-            globals()[key] = kind(text)
-        except ValueError:
-            ts.die(f"--{key} must be a {kind.__name__}, got {text!r}")
-        print(f"override: {key} = {globals()[key]!r}")
-    for k, v in {**DEFAULTS, **TRAIN}.items():
-        setattr(ts, k, v)
-    ts.world = 1
-    given = ts.parse_args(rest)  # type checks, prints, and --smoke's shrunken settings
-    if ts.init_from != "scratch" or ts.task != "arith":
-        ts.die("the experiments run on the toy task: --init_from=scratch --task=arith")
-    CLI.update({k: getattr(ts, k) for k in given | (set(ts.SMOKE) if ts.smoke else set())})
+    given = common.parse_overrides(argv[1:], {**OWN, **ts.SETTINGS}, show_help)
+    for key in set(given) & set(OWN):
+        globals()[key] = given.pop(key)
+    if given.get("init_from", "scratch") != "scratch" or given.get("task", "arith") != "arith":
+        common.die("the experiments run on the toy task: --init_from=scratch --task=arith")
+    CLI.update(given)
+    ts.settings(**{**start(), **CLI})  # check the command line before anything runs
     os.makedirs(cache_dir, exist_ok=True)
     for name in names:
         t0 = time.time()
-        CLI["out_dir"] = out_dir or os.path.join("out", "experiments", name)
-        configure()
-        ts.prepare_out_dir()
-        print(f"\n=== {name} -> {ts.out_dir}")
+        OUT = CLI["out_dir"] = out_dir or os.path.join("out", "experiments", name)  # checkpoints go there too
+        common.take_out_dir(OUT)
+        print(f"\n=== {name} -> {OUT}")
         write(name, EXPERIMENTS[name](), t0)
+        common.release_out_dir()
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -1,0 +1,411 @@
+"""
+The plumbing that train_small.py, toy_base.py and experiments.py share, kept here so that those
+files show their own logic only:
+
+    settings     the commented globals of a script as --key=value settings, and --help
+    errors       one line, exit code 2, nothing written
+    out_dir      one run per folder (a lock), atomic writes, checkpoints
+    tokens       the toy tokenizer or a Hugging Face tokenizer and its chat template
+    tasks        held-out questions, training questions and a verifier for each task
+    models       our GPT from scratch, or a Hugging Face model in, and back out
+    plots        the reliability diagram
+"""
+import atexit
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import tokenize
+from contextlib import nullcontext
+
+import tiktoken
+import torch
+
+import caopd
+from data import arith, tasks
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets these
+
+# -----------------------------------------------------------------------------
+# errors and settings
+
+def die(msg, code=2):
+    """A bad setting, path or file: one line on stderr, exit code 2 (1 for a run that failed)."""
+    print(f"{os.path.basename(sys.argv[0]) or 'caopd'}: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+def settings_block(module_globals, path):
+    """The settings a script declares: the globals between its `# settings` rule and the next
+    `# ---` rule, as {name: (default, help, group)} in file order. The comment beside a global, and
+    the comment lines right under it, are its help: --help prints them, so they are the one place a
+    setting is described. A line `# <words>` alone starts a group."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# settings"))
+    out, group, last = {}, "", None
+    for line in lines[start + 1:]:
+        if line.startswith("# ---"):
+            break
+        comment = next((t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(line).readline)
+                        if t.type == tokenize.COMMENT), "")
+        name = line.split("=", 1)[0].strip()
+        if line.startswith("#"):
+            group, last = comment, None
+        elif line[:1].isspace() and last and comment:  # the help goes on
+            out[last] = (out[last][0], f"{out[last][1]} {comment}", out[last][2])
+        elif name.isidentifier() and name in module_globals:
+            out[name], last = (module_globals[name], comment, group), name
+    return out
+
+def print_help(settings, usage, about, also=None):
+    """--help: every setting, its default and its help, grouped as in the source."""
+    print(f"usage: {usage}\n\n{about}")
+    for title, block in [(None, settings)] + ([also] if also else []):
+        if title:
+            print(f"\n{title}")
+        group = None
+        for name, (default, text, g) in block.items():
+            if g != group:
+                print(f"\n{g}:")
+                group = g
+            key = f"  --{name}={default}"
+            text = textwrap.fill(text, 110, initial_indent=" " * 31, subsequent_indent=" " * 31)
+            print(f"{key:<30s} {text[31:]}" if len(key) < 30 else f"{key}\n{text}")
+
+def parse_value(key, text, default):
+    """The value of --key=text, of the type of the default; floats must be finite."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            return {"true": True, "false": False}[text.lower()]
+        value = kind(text)
+    except (KeyError, ValueError):
+        die(f"--{key} must be a {kind.__name__}, got {text!r}")
+    if kind is float and not math.isfinite(value):
+        die(f"--{key}={text}: must be a finite number")
+    return value
+
+def parse_overrides(argv, settings, show_help):
+    """--key=value arguments -> {key: value}, each type checked against its default and printed.
+    --help (or -h) calls show_help() and exits 0. The last of a repeated key wins."""
+    given = {}
+    for arg in argv:
+        if arg in ("--help", "-h"):
+            show_help()
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            die(f"arguments look like --key=value, got {arg!r} (--help lists the settings)")
+        key, text = arg[2:].split("=", 1)
+        if key not in settings:
+            die(f"unknown setting {key!r} (--help lists the settings)")
+        given[key] = parse_value(key, text, settings[key][0])
+        print(f"override: {key} = {given[key]!r}")
+    return given
+
+def check(checks, cfg):
+    """checks: (ok, key, why) triples; the first that fails is a one-line error naming its key."""
+    for ok, key, why in checks:
+        if not ok:
+            die(f"--{key}={getattr(cfg, key)!r}: {why}")
+
+def resolve_device(device):
+    """'auto' -> cuda, then mps, then cpu; a device that is not there is an error naming it."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "finds no CUDA device"
+        die(f"--device='cuda': CUDA is not available (this torch {torch.__version__} {why}); use --device=cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        die("--device='mps': Apple's MPS is not available on this machine; use --device=cpu or auto")
+    return device
+
+def autocast(device):
+    """bfloat16 autocast on CUDA, plain float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()
+
+# -----------------------------------------------------------------------------
+# out_dir: one run at a time, files that are whole or absent, checkpoints
+
+_lock = None  # the open lock file of this process: the lock lasts as long as it does
+
+def _try_lock(f):
+    """An exclusive lock on an open file, released by the kernel when the process ends however it
+    ends (so a crashed run never leaves a lock that holds). False if another process has it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+def _lock_error(out_dir, f):
+    f.seek(0)
+    holder = f.read().strip() or "(unknown)"
+    die(f"--out_dir={out_dir!r} is in use by the run of process {holder} (its lock: {os.path.join(out_dir, 'lock')}); "
+        f"wait for it to finish or use another --out_dir")
+
+def check_not_locked(out_dir):
+    """Fail early, before loading anything, when a live run holds out_dir; writes nothing."""
+    path = os.path.join(out_dir, "lock")
+    if os.path.isfile(path):
+        with open(path, "r+") as f:
+            if not _try_lock(f):
+                _lock_error(out_dir, f)
+
+def take_out_dir(out_dir):
+    """Create out_dir and take its lock (rank 0) before anything is written in it. The lock file
+    holds the process id of the run; a run that ended without emptying it (killed, crashed) is
+    named when the next run takes the folder over."""
+    global _lock
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"--out_dir={out_dir!r} is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # a real write: root passes access checks on a read-only mount
+            pass
+    except OSError as e:
+        die(f"--out_dir={out_dir!r} cannot be created or written: {e.strerror}")
+    if RANK != 0:
+        return
+    f = open(os.path.join(out_dir, "lock"), "a+")
+    if not _try_lock(f):
+        _lock_error(out_dir, f)
+    f.seek(0)
+    old = f.read().strip()
+    if old:
+        print(f"note: {out_dir}/lock: the run of process {old} ended without releasing it (killed?); taking it over")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _lock = f
+    atexit.register(release_out_dir)
+
+def release_out_dir():
+    global _lock
+    if _lock is not None:
+        _lock.seek(0)
+        _lock.truncate()  # empty: the run ended; the kernel drops the lock itself with the file
+        _lock.close()
+        _lock = None
+
+def write_atomic(path, data, mode="w"):
+    """Write to a temporary file, flush it to disk, then rename: a reader (or a resumed run after a
+    crash) sees the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        f.write(data) if isinstance(data, (str, bytes)) else torch.save(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True (tensors and plain containers, no pickled code), and a
+    clear error for a missing, truncated or corrupt file."""
+    if not os.path.exists(path):
+        die(f"{path}: no checkpoint to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle that is not ours, ...: all mean the same here
+        die(f"{path}: the checkpoint is truncated or corrupt ({type(e).__name__}); delete it to start over")
+
+def save_checkpoint(cfg, tok, stage, step, model, teacher, opt, rng, bad, skipped, quiet=False):
+    """out_dir/ckpt.pt: everything a resumed run needs to continue bit for bit. Rank 0 only. A
+    Hugging Face model is also exported, whole, to out_dir/hf."""
+    if RANK != 0:
+        return
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    write_atomic(path, {
+        "stage": stage, "step": step, "config": vars(cfg), "model": model.state_dict(),
+        "teacher": None if teacher is None else teacher.state_dict(), "optimizer": opt.state_dict(),
+        "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "bad_steps": bad, "skipped": skipped}, "wb")
+    if cfg.init_from != "scratch":
+        export_hf(model, tok, os.path.join(cfg.out_dir, "hf"))
+    if not quiet:
+        from tqdm import tqdm
+        tqdm.write(f"checkpoint: {stage} step {step} -> {path}")
+
+def restore(ck, model, teacher, opt, rng):
+    """The state save_checkpoint wrote, back in place. Returns (step, bad steps in a row, skipped)."""
+    model.load_state_dict(ck["model"])
+    if teacher is not None:
+        teacher.load_state_dict(ck["teacher"])
+    opt.load_state_dict(ck["optimizer"])
+    rng.setstate(ck["rng"]["python"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if ck["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["step"], ck["bad_steps"], ck["skipped"]
+
+# -----------------------------------------------------------------------------
+# tokens: the toy tiktoken encoding, or a Hugging Face tokenizer and its chat template
+
+def is_toy(tok):
+    return isinstance(tok, tiktoken.Encoding)
+
+def end_id(tok):
+    return tok.eot_token if is_toy(tok) else tok.eos_token_id
+
+def decimals(tok):
+    """Digits of a stated confidence: the toy's one token per value (0.0 ... 1.0), else the paper's X.XX."""
+    return arith.DECIMALS if is_toy(tok) else 2
+
+def encode(tok, text):
+    return tok.encode(text) if is_toy(tok) else tok(text, add_special_tokens=False)["input_ids"]
+
+def decode(tok, ids):
+    end = end_id(tok)
+    return tok.decode([t for t in ids if t != end])
+
+def render(tok, messages):
+    """A chat -> prompt tokens: the tokenizer's chat template where it has one, else each
+    message's text on its own lines (the toy: "question\n")."""
+    if getattr(tok, "chat_template", None):
+        return encode(tok, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return encode(tok, "".join(m["content"].rstrip("\n") + "\n" for m in messages))
+
+def student_tokens(tok, ex):
+    return render(tok, ex["messages"])
+
+def teacher_tokens(tok, ex, context, solution, shown, note):
+    """The student's chat with the privileged context (template `context`) added to its last user
+    turn. A system message stays as it is: rebuilding the teacher prompt from the system turn would
+    lose the question (a bug of the reference code)."""
+    messages = [dict(m) for m in ex["messages"]]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last]["content"] = caopd.teacher_prompt(context, messages[last]["content"], solution, shown, note,
+                                                     decimals(tok))
+    return render(tok, messages)
+
+def confidence_value_ids(tok):
+    """The toy's stated confidences 0.0, 0.1, ..., 1.0: one token each (see caopd.toy_tokenizer)."""
+    return [t for v in range(11) for t in encode(tok, f" {v / 10:.1f}")]
+
+# -----------------------------------------------------------------------------
+# tasks: held-out questions, a sampler of training questions, a verifier
+
+def read_task_files(cfg):
+    """science / tooluse: the training and held-out rows, checked line by line (before any model loads)."""
+    rows = {}
+    for split, path in (("train", cfg.data), ("eval", cfg.eval_data)):
+        path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.task, f"{split}.jsonl")
+        try:
+            rows[split] = (path, tasks.load_rows(path, cfg.task))
+        except ValueError as e:
+            hint = f" (python data/{cfg.task}/prepare.py writes it)" if not os.path.exists(path) else ""
+            die(f"{e}{hint}")
+    return rows
+
+def shortest_answer(task, ex):
+    """The shortest text the verifier accepts for ex, before its confidence line."""
+    if task == "arith":
+        return ex["reference"]
+    if task == "science":
+        return f"<answer>{ex['answer']}</answer>"
+    return f"Action: {ex['answer']['action']}\nAction Input: {json.dumps(ex['answer']['action_input'])}"
+
+def load_task(cfg, tok, files, context):
+    """(held-out examples, sample_train(rng, n), verify(example, text)). Examples too long for the
+    model's context (teacher prompt + max_new_tokens) are skipped and counted."""
+    if cfg.task == "arith":
+        held, sample_train = arith.split(cfg.data_seed, cfg.n_eval)
+        return held, sample_train, lambda ex, text: caopd.verify_arith(ex["answer"], text)
+    rows = {}
+    for split, (path, examples) in files.items():
+        fits = [ex for ex in examples if len(teacher_tokens(tok, ex, cfg.teacher_context, ex["reference"], 1.0, 1.0))
+                + cfg.max_new_tokens <= context]
+        if len(fits) < len(examples):
+            first = next(ex["id"] for ex in examples if ex not in fits)
+            print(f"{path}: skipped {len(examples) - len(fits)} of {len(examples)} questions longer than the context "
+                  f"({context} tokens, with max_new_tokens={cfg.max_new_tokens}); the first: {first}")
+        if not fits:
+            die(f"{path}: no question fits the model's context of {context} tokens")
+        rows[split] = fits
+    train, verifier = rows["train"], caopd.VERIFIERS[cfg.task]
+    return rows["eval"][:cfg.n_eval], lambda rng, n: [rng.choice(train) for _ in range(n)], \
+        lambda ex, text: verifier(ex["answer"], text)
+
+# -----------------------------------------------------------------------------
+# models: our GPT from scratch, or a Hugging Face causal LM and its tokenizer
+
+def load_model(cfg):
+    """(model, tokenizer, context length): our GPT and the toy tokenizer, or a Hugging Face causal LM
+    (bfloat16 on CUDA, float32 elsewhere) and its tokenizer."""
+    if cfg.init_from == "scratch":
+        enc = caopd.toy_tokenizer(arith.VOCAB_TEXT)
+        gpt = caopd.GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd)
+        torch.manual_seed(cfg.seed)
+        return caopd.GPT(gpt).to(cfg.device), enc, cfg.block_size
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # keep stderr for errors
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.init_from)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.init_from, dtype=torch.bfloat16 if "cuda" in cfg.device else torch.float32)
+    except (OSError, ValueError) as e:
+        die(f"--init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor a loadable Hugging Face model "
+            f"({str(e).strip().splitlines()[0][:200]})")
+    if tok.eos_token_id is None:
+        die(f"--init_from={cfg.init_from!r}: the tokenizer has no eos token to end completions with")
+    if not getattr(tok, "chat_template", None):
+        print(f"{cfg.init_from}: no chat template, prompts are plain text")
+    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    return model.to(cfg.device), tok, context
+
+def export_hf(model, tok, path):
+    """save_pretrained (safetensors) of a Hugging Face student and its tokenizer, swapped in whole:
+    `path` always holds a complete model."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+# -----------------------------------------------------------------------------
+# plots
+
+def reliability_diagram(results, path, columns=None):
+    """Accuracy per confidence bin for each model, bin counts written on the bars; panels in rows
+    of `columns` (default: one row). results: {name: (metrics, records)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = columns or len(results)
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, (name, (m, records)) in zip(axes.flat, results.items()):
+        conf = torch.tensor([r["confidence"] or 0.0 for r in records], dtype=torch.float64)
+        corr = torch.tensor([float(r["correct"]) for r in records], dtype=torch.float64)
+        bins = caopd.confidence_bin(conf)  # the bins of ECE
+        for b in range(10):
+            sel = bins == b
+            if sel.any():
+                acc = corr[sel].mean().item()
+                ax.bar(b / 10 + 0.05, acc, width=0.09, color="tab:blue", edgecolor="black")
+                ax.text(b / 10 + 0.05, acc + 0.02, str(int(sel.sum())), ha="center", fontsize=7)
+        ax.plot([0, 1], [0, 1], "--", color="gray")
+        ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="stated confidence", ylabel="accuracy",
+               title=f"{name}: acc {m['accuracy']:.2f}, conf {m['mean_confidence']:.2f}, ECE {m['ece']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
