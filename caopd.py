@@ -30,6 +30,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -97,6 +98,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.grad_checkpoint = False  # recompute activations in the backward pass instead of keeping them
         for name, p in self.named_parameters():
             if p.dim() == 2:  # GPT-2 init, residual projections scaled down by depth
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("c_proj.weight", "mlp.2.weight")) else 0.02
@@ -113,7 +115,11 @@ class GPT(nn.Module):
         assert pos + T <= self.cfg.block_size, f"sequence of {pos + T} tokens > block_size {self.cfg.block_size}"
         x = self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i], pos)
+            kv = None if cache is None else cache[i]
+            if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input only, recompute the rest
+                x = checkpoint(block, x, kv, pos, use_reentrant=False)
+            else:
+                x = block(x, kv, pos)
         return self.ln_f(x)
 
     def new_cache(self, batch, length):
@@ -168,6 +174,30 @@ def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
         return h @ model.lm_head.T
     return decode
 
+def _hf_cache_name(model):
+    # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+def _hf_prefill(model, prompts):
+    """prefill() for a Hugging Face model: each distinct prompt once, left-padded (the mask hides
+    the padding, position ids start at each prompt's start), into the model's KV cache, then a
+    copy for every row. Returns the last prompt token's hidden state (B, C), the cache, the
+    attention mask (B, T) and each row's next position (B,)."""
+    device = output_weight(model).device
+    distinct = {}
+    for p in prompts:
+        distinct.setdefault(tuple(p), len(distinct))
+    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
+    T = max(map(len, distinct))
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in distinct], device=device)  # (U, T)
+    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in distinct], device=device) * mask
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model.base_model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = out[_hf_cache_name(model)]
+    cache.batch_select_indices(rows)
+    h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
+    return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
+
 def _hf_decoder(model, prompts, pad_id):
     """The same for a Hugging Face causal LM and its own KV cache. Prompts of several lengths are
     left-padded: the attention mask hides the padding, the position ids start at each prompt's start."""
@@ -175,8 +205,7 @@ def _hf_decoder(model, prompts, pad_id):
     idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = _hf_cache_name(model)
     past = {}
 
     def decode(nxt):
@@ -363,15 +392,27 @@ def completion_hidden(model, prompts, completions):
     """Run the model on each prompt + completion and return the hidden states that predict the
     completion tokens, (B, L, C), with the completions' lengths. h[i, j] is the state after
     prompts[i] + completions[i][:j]; it predicts completions[i][j].
-    When our GPT gets prompts of one length (the toy's are), they go through prefill(): the K
-    rollouts of a question share one run of its prompt."""
+    The K rollouts of a question share its prompt, so the prompt runs once into a KV cache
+    (prefill) and the completions run on top of it: K times less prompt work. Except under a
+    Hugging Face model's gradient checkpointing, whose layers drop a KV cache while they train;
+    there every row runs its whole sequence."""
     device = output_weight(model).device
     L = max(map(len, completions))
-    if isinstance(model, GPT) and len({len(p) for p in prompts}) == 1:
+    x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=device)  # (B, L - 1)
+    if isinstance(model, GPT) and len({len(p) for p in prompts}) == 1:  # the toy's prompts: one length
         Tp = len(prompts[0])
         h0, cache = prefill(model, prompts, Tp + L - 1)  # h0 (B, C) predicts token 0
-        x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=device)  # (B, L - 1)
         rest = model(x, cache, Tp) if L > 1 else h0.new_zeros(len(prompts), 0, h0.shape[-1])  # (B, L - 1, C)
+        return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # HF's flag, per layer
+    if not isinstance(model, GPT) and not (checkpointing and model.training and torch.is_grad_enabled()):
+        h0, cache, mask, start = _hf_prefill(model, prompts)
+        if L > 1:  # the completions' right padding needs no mask: causal attention never looks ahead
+            rest = model.base_model(input_ids=x, attention_mask=torch.cat([mask, torch.ones_like(x)], 1),
+                                    position_ids=start[:, None] + torch.arange(L - 1, device=device),
+                                    use_cache=True, **{_hf_cache_name(model): cache}).last_hidden_state
+        else:
+            rest = h0.new_zeros(len(prompts), 0, h0.shape[-1])
         return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
     seqs = [p + c[:-1] for p, c in zip(prompts, completions)]  # prompts of several lengths: right-pad
     T = max(map(len, seqs))
@@ -414,8 +455,11 @@ class _FusedLinearKL(torch.autograd.Function):
     No (N, V) tensor is ever alive: just three chunk buffers of (chunk_size, V)."""
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, w, kind, beta, chunk_size):
+    def forward(ctx, hs, ws, ht, wt, w, kind, beta, chunk_size, mm):
         acc = w.dtype  # softmax math in fp32 at least (fp64 when the inputs are)
+        # mm: the dtype of the four matrix products (bfloat16 under autocast, else the inputs'); the
+        # softmax math and both gradients' sums stay in acc
+        ws_mm, wt_mm = (ws, wt) if mm is None else (ws.to(mm), wt.to(mm))
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hs) if need_h else None
         grad_w = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
@@ -425,10 +469,12 @@ class _FusedLinearKL(torch.autograd.Function):
         bufs = torch.empty(3, min(chunk_size, len(rows)), ws.shape[0], dtype=acc, device=hs.device)  # reused
         for i in range(0, len(rows), chunk_size):
             r = rows[i:i + chunk_size]
-            n, h_s = len(r), hs[r]
+            n, h_s, h_t = len(r), hs[r], ht[r]
+            if mm is not None:
+                h_s, h_t = h_s.to(mm), h_t.to(mm)
             a, b, x = bufs[0, :n], bufs[1, :n], bufs[2, :n]  # (n, V) views
-            _logits_into(a, h_s, ws)  # student logits z_s
-            _logits_into(b, ht[r], wt)  # teacher logits z_t
+            _logits_into(a, h_s, ws_mm)  # student logits z_s
+            _logits_into(b, h_t, wt_mm)  # teacher logits z_t
             _log_softmax_(a, x)  # log p_s
             _log_softmax_(b, x)  # log p_t
             if kind == "reverse":
@@ -457,9 +503,11 @@ class _FusedLinearKL(torch.autograd.Function):
             loss += (kl * w[r]).sum()
             g.mul_(w[r][:, None])  # d(mean)/dz_s for this chunk
             if need_h:
-                grad_h[r] = (g.to(hs.dtype) @ ws)  # (n, d_s) = (n, V) @ (V, d_s)
-            if need_w:
+                grad_h[r] = (g.to(ws_mm.dtype) @ ws_mm).to(hs.dtype)  # (n, d_s) = (n, V) @ (V, d_s)
+            if need_w and mm is None:
                 grad_w.addmm_(g.T, h_s.to(acc))  # (V, d_s) += (V, n) @ (n, d_s), in place
+            elif need_w:
+                grad_w += g.T.to(mm) @ h_s  # the product in bfloat16, the sum in float32
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(ws.dtype))
         return loss
 
@@ -469,7 +517,7 @@ class _FusedLinearKL(torch.autograd.Function):
         # scale in place: grad_w * grad_out would allocate a second (V, d) gradient (300 MB at V = 152k)
         # just to multiply by 1. A second backward (retain_graph) then fails loudly on the version check.
         return (None if grad_h is None else grad_h.mul_(grad_out), None if grad_w is None else grad_w.mul_(grad_out),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 def _log_softmax_(z, scratch):
     """z (n, V) <- log_softmax(z) in place, with exp written to scratch: torch.logsumexp would
@@ -519,7 +567,10 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     w = mask.detach().to(torch.promote_types(hs.dtype, torch.float32))
     if not w.any():
         return (hs.sum() + ws.sum()) * 0.0  # nothing counts: zero loss, zero gradients
-    return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size))
+    device = hs.device.type
+    mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # see forward
+    with torch.autocast(device, enabled=False):  # its products are cast explicitly
+        return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size), mm)
 
 # -----------------------------------------------------------------------------
 # Metrics: one answer per question, its verdict and its stated confidence

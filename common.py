@@ -11,6 +11,7 @@ files show their own logic only:
     plots        the reliability diagram
 """
 import atexit
+import copy
 import io
 import json
 import math
@@ -122,9 +123,30 @@ def resolve_device(device):
         die("--device='mps': Apple's MPS is not available on this machine; use --device=cpu or auto")
     return device
 
-def autocast(device):
-    """bfloat16 autocast on CUDA, plain float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in device else nullcontext()
+def resolve_dtype(dtype, device):
+    """The compute dtype: 'auto' -> bfloat16 on a CUDA device that has it, float32 elsewhere.
+    bfloat16 is also allowed on the CPU (slow, but it runs the GPU's code path for tests)."""
+    if dtype == "auto":
+        return "bfloat16" if "cuda" in device and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "bfloat16" and "cuda" in device and not torch.cuda.is_bf16_supported():
+        die(f"--dtype='bfloat16': this GPU ({torch.cuda.get_device_name()}) has no bfloat16; use --dtype=float32")
+    if dtype == "bfloat16" and device == "mps":
+        die("--dtype='bfloat16': not supported on mps here; use --dtype=float32")
+    return dtype
+
+def autocast(cfg):
+    """The forward passes' precision. The weights stay float32 (the optimizer's updates at real
+    learning rates are below half a bfloat16 ulp of most weights, so bfloat16 weights would not
+    move); autocast runs the matrix products in bfloat16 when cfg.dtype says so."""
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+def frozen_copy(model, dtype):
+    """A copy of model without gradients, its parameters in dtype: a frozen teacher needs no float32
+    master weights. Made parameter by parameter (no second float32 copy); tied weights stay tied."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo).requires_grad_(False)
 
 # -----------------------------------------------------------------------------
 # out_dir: one run at a time, files that are whole or absent, checkpoints
@@ -229,7 +251,7 @@ def save_checkpoint(cfg, tok, stage, step, model, teacher, opt, rng, bad, skippe
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "bad_steps": bad, "skipped": skipped}, "wb")
     if cfg.init_from != "scratch":
-        export_hf(model, tok, os.path.join(cfg.out_dir, "hf"))
+        export_hf(model, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype)
     if not quiet:
         from tqdm import tqdm
         tqdm.write(f"checkpoint: {stage} step {step} -> {path}")
@@ -338,37 +360,46 @@ def load_task(cfg, tok, files, context):
 # models: our GPT from scratch, or a Hugging Face causal LM and its tokenizer
 
 def load_model(cfg):
-    """(model, tokenizer, context length): our GPT and the toy tokenizer, or a Hugging Face causal LM
-    (bfloat16 on CUDA, float32 elsewhere) and its tokenizer."""
+    """(model, tokenizer, context length, dtype of the model's files): our GPT and the toy
+    tokenizer, or a Hugging Face causal LM (float32 weights) and its tokenizer."""
     if cfg.init_from == "scratch":
         enc = caopd.toy_tokenizer(arith.VOCAB_TEXT)
         gpt = caopd.GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd)
         torch.manual_seed(cfg.seed)
-        return caopd.GPT(gpt).to(cfg.device), enc, cfg.block_size
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return caopd.GPT(gpt).to(cfg.device), enc, cfg.block_size, "float32"
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()  # keep stderr for errors
     try:
         tok = AutoTokenizer.from_pretrained(cfg.init_from)
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.init_from, dtype=torch.bfloat16 if "cuda" in cfg.device else torch.float32)
+        # float32 master weights whatever the files hold (Qwen3's are bfloat16): see autocast()
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
     except (OSError, ValueError) as e:
         die(f"--init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor a loadable Hugging Face model "
             f"({str(e).strip().splitlines()[0][:200]})")
     if tok.eos_token_id is None:
         die(f"--init_from={cfg.init_from!r}: the tokenizer has no eos token to end completions with")
+    if cfg.grad_checkpoint and not model.supports_gradient_checkpointing:
+        die(f"--grad_checkpoint=True: {type(model).__name__} ({cfg.init_from}) does not support gradient checkpointing")
     if not getattr(tok, "chat_template", None):
         print(f"{cfg.init_from}: no chat template, prompts are plain text")
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    return model.to(cfg.device), tok, context
+    files = AutoConfig.from_pretrained(cfg.init_from).dtype or torch.float32  # what the files hold
+    return model.to(cfg.device), tok, context, str(files).removeprefix("torch.")
 
-def export_hf(model, tok, path):
-    """save_pretrained (safetensors) of a Hugging Face student and its tokenizer, swapped in whole:
-    `path` always holds a complete model."""
+def export_hf(model, tok, path, dtype):
+    """save_pretrained (safetensors) of a Hugging Face student and its tokenizer in dtype (the
+    float32 master weights cast on the way out), swapped in whole: `path` always holds a complete
+    model."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    cast = {}  # tensor -> its cast copy: tied weights stay one tensor
+    state = {k: cast.setdefault(id(v), v.detach().to(getattr(torch, dtype))) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    config = json.load(open(os.path.join(tmp, "config.json")))
+    config["dtype"] = dtype  # save_pretrained writes the dtype of the model in memory
+    write_atomic(os.path.join(tmp, "config.json"), json.dumps(config, indent=2) + "\n")
     tok.save_pretrained(tmp)
     if os.path.exists(path):
         os.replace(path, old)

@@ -69,8 +69,9 @@ def configure(**run):
     command line, and this run's own (the thing an experiment varies)."""
     cfg = ts.settings(**{**start(), **CLI, **run})
     cfg.device = common.resolve_device(cfg.device)
+    cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
     torch.set_num_threads(cfg.threads)
-    model, tok, _ = common.load_model(cfg)
+    model, tok, _, _ = common.load_model(cfg)
     return cfg, model, tok
 
 def task(cfg, ops="+*", n=None, digits=None):
@@ -177,7 +178,7 @@ def entropy(hidden, weight):
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
     return -(logp.exp() * logp).sum(-1)
 
-ESTIMATORS = {  # name -> a function of kl_loss's estimator arguments; None is the fused loss
+ESTIMATORS = {  # name -> a function of kl_backward's estimator arguments; None is the fused loss
     "full": None,
     "topk": lambda hs, ws, ht, wt, w, tokens: topk_tail_kl(hs, ws, ht, wt, w, estimator_topk),
     "sampled": lambda hs, ws, ht, wt, w, tokens: sampled_kl(hs, ws, ht, wt, w, tokens),
@@ -383,7 +384,7 @@ def gradient_noise(cfg, tok, model, sample_train):
             cfg, model, tok, "caopd", exs, verify, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
         for e, fn in ESTIMATORS.items():
             model.zero_grad(set_to_none=True)
-            ts.kl_loss(cfg, model, teacher, prompts, completions, teacher_prompts, fn)[0].backward()
+            ts.kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, fn)
             grads[e].append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
     G = {e: torch.stack(g) for e, g in grads.items()}  # (batches, parameters)
     cos = torch.nn.functional.cosine_similarity
@@ -427,7 +428,8 @@ def pacc():
     runs = [(int(k), False) for k in Ks.split(",") if k] + [(int(k), True) for k in smoothed_Ks.split(",") if k]
     rows = []
     for k, smooth in runs:
-        run = ts.settings(**{**start(), **CLI, "K": k, "smooth_p_acc": smooth, "device": cfg.device})
+        run = ts.settings(**{**start(), **CLI, "K": k, "smooth_p_acc": smooth, "device": cfg.device,
+                             "dtype": cfg.dtype})
         model = trained(run, tok, base, base_name, "caopd", sample_train)[0]
         rows.append({"K": k, "P_acc": "(c+1)/(K+2)" if smooth else "c/K", **evaluate(run, tok, model, "caopd", held)[0]})
     print(table(rows, ["K", "P_acc"]))

@@ -926,6 +926,167 @@ def test_hf_question_longer_than_the_context_is_skipped_and_counted(tiny_hf, tmp
            "the first: too-long" in r.stdout
 
 # -----------------------------------------------------------------------------
+# a real model on one GPU: float32 master weights, micro-batches, checkpointing, the prompt cache
+
+@pytest.fixture
+def exact_rmsnorm(monkeypatch):
+    """Qwen3's RMSNorm computes in float32 even in a float64 model; sums taken in another order then
+    differ by up to ~1e-3 of a gradient element. In the model's own dtype every equality below holds to 1e-10."""
+    from transformers.models.qwen3 import modeling_qwen3
+    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", lambda self, h: self.weight * (
+        h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)))
+
+def _hf_double(seed=0):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).double().eval()
+
+# prompts of several lengths, questions with K = 3 rollouts each, completions of uneven lengths
+PROMPTS = [[5, 6, 7, 8, 9]] * 3 + [[11, 12, 13]] * 3 + [[14, 15, 16, 17]] * 3
+COMPLETIONS = [[20, 21, 22, 1], [23, 1], [24, 25, 26, 27, 28], [29, 1], [30, 31, 32], [33], [40, 41], [42, 43, 44], [1]]
+
+def _rows_one_by_one(model):
+    """The reference: each row's whole sequence alone (no padding, no cache), its completion's states."""
+    return [model.base_model(input_ids=torch.tensor([p + c[:-1]])).last_hidden_state[0, len(p) - 1:]
+            for p, c in zip(PROMPTS, COMPLETIONS)]
+
+def _grads(model, states):
+    model.zero_grad()
+    sum((h ** 2).sum() for h in states).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+def test_hf_prompt_cache_gives_the_states_of_whole_sequences(exact_rmsnorm):
+    model = _hf_double()
+    ref = _rows_one_by_one(model)
+    g_ref = _grads(model, ref)
+    h, lens = caopd.completion_hidden(model, PROMPTS, COMPLETIONS)  # each distinct prompt once, into a cache
+    ours = [h[i, :n] for i, n in enumerate(lens)]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(_grads(model, ours), g_ref):  # and the gradients
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+def _kl_grads(cfg, model, teacher, prompts, completions, teacher_prompts):
+    import train_small
+    model.zero_grad()
+    loss = train_small.kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts)
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_micro_batches_give_the_loss_and_gradient_of_the_whole_step(hf, exact_rmsnorm):
+    import train_small
+    if hf:
+        model, teacher = _hf_double(0), _hf_double(1)
+        prompts, completions = PROMPTS, COMPLETIONS
+    else:
+        model, teacher = _tiny_model(0).double(), _tiny_model(1).double()
+        prompts, completions = [p[:3] for p in PROMPTS], COMPLETIONS  # our GPT's prompts: one length
+    teacher_prompts = [p + [50 + i // 3] for i, p in enumerate(prompts)]  # the teacher's own, longer prompts
+    whole = _kl_grads(train_small.settings(micro_batch=0), model, teacher, prompts, completions, teacher_prompts)
+    for mb in (1, 3, 4, len(prompts)):  # 4 cuts the rollouts of a question apart
+        part = _kl_grads(train_small.settings(micro_batch=mb), model, teacher, prompts, completions, teacher_prompts)
+        assert part[0] == pytest.approx(whole[0], rel=0, abs=1e-10)
+        for a, b in zip(part[1], whole[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    # and skip_tokens counts the same way: a completion with nothing left in the loss counts as no sequence
+    skip = _kl_grads(train_small.settings(micro_batch=2, skip_tokens=2), model, teacher, prompts, completions,
+                     teacher_prompts)
+    whole = _kl_grads(train_small.settings(skip_tokens=2), model, teacher, prompts, completions, teacher_prompts)
+    assert skip[0] == pytest.approx(whole[0], rel=0, abs=1e-10)
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(hf, exact_rmsnorm):
+    import train_small
+    model, teacher = (_hf_double(0), _hf_double(1)) if hf else (_tiny_model(0).double(), _tiny_model(1).double())
+    prompts = PROMPTS if hf else [p[:3] for p in PROMPTS]
+    args = (model, teacher, prompts, COMPLETIONS, [p + [60] for p in prompts])
+    plain = _kl_grads(train_small.settings(), *args)
+    train_small.set_grad_checkpoint(model, True)
+    checked = _kl_grads(train_small.settings(grad_checkpoint=True, micro_batch=4), *args)
+    train_small.set_grad_checkpoint(model, False)
+    assert checked[0] == pytest.approx(plain[0], rel=1e-12)
+    for a, b in zip(checked[1], plain[1]):  # HF under checkpointing runs whole sequences, not the prompt cache
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+def test_rollouts_in_micro_batches_are_the_same_rollouts():
+    import train_small
+    model, tok = _tiny_model().double(), ENC
+    held, sample_train = arith.split(0, 10)
+    exs = held[:5]
+    verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
+    runs = [train_small.rollout_batch(train_small.settings(micro_batch=mb, temperature=1.0), model, tok, "caopd", exs,
+                                      verify, 7, (0, 40)) for mb in (0, 3, 8)]
+    for r in runs[1:]:
+        assert r[1] == runs[0][1] and r[3] == runs[0][3]  # completions, texts
+    assert len(set(map(tuple, runs[0][1]))) > 10  # and they are varied samples
+
+def _bf16_checkpoint(path):
+    _tiny_hf(path)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16)  # as Qwen3's files are
+    model.save_pretrained(path)
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+def test_bfloat16_compute_keeps_float32_master_weights_that_move(tmp_path):
+    """At lr 1e-6 an AdamW update is below half a bfloat16 ulp of most weights: bfloat16 weights would
+    not move. The student's weights are float32 whatever the compute: 2 steps change most of them."""
+    start = _bf16_checkpoint(tmp_path / "bf16")
+    r = _run(f"--init_from={tmp_path / 'bf16'}", "--task=arith", "--dtype=bfloat16", "--lr=1e-6", "--steps=2",
+             "--method=opd", "--smoke=True", "--n_eval=4", "--K=2", "--max_new_tokens=16", f"--out_dir={tmp_path / 'out'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bfloat16 compute" in r.stdout
+    ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    moved = total = 0
+    for k, v in ck["model"].items():
+        assert v.dtype == torch.float32, k
+        moved, total = moved + (v != start[k]).sum().item(), total + v.numel()
+        # the same change rounded to bfloat16 would be mostly lost: that is what float32 master weights keep
+    assert moved / total > 0.8, moved / total
+    lost = sum((v.bfloat16().float() == start[k]).sum().item() for k, v in ck["model"].items()) / total
+    assert lost > 0.8, lost  # in bfloat16 these weights would not have moved
+    assert ck["teacher"]["model.norm.weight"].dtype == torch.bfloat16  # a frozen teacher: compute dtype
+    from safetensors.torch import load_file
+    exported = load_file(tmp_path / "out" / "hf" / "model.safetensors")
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}  # exported as the files were
+    assert json.loads((tmp_path / "out" / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["config"]["dtype"] == "bfloat16" and res["config"]["export_dtype"] == "bfloat16"
+
+def test_fused_loss_under_bfloat16_autocast_matches_plain_autograd():
+    hs, ws, ht, wt = (t.float().detach().requires_grad_(i < 2) for i, t in enumerate(_case(N=37, d_s=16, d_t=16, V=300)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = caopd.fused_linear_kl(hs, ws, ht, wt)
+        g = torch.autograd.grad(fused, (hs, ws))
+    exact = caopd.linear_kl_reference(hs.double(), ws.double(), ht.double(), wt.double())
+    g_exact = torch.autograd.grad(exact, (hs, ws))
+    assert fused.dtype == torch.float32 and g[0].dtype == g[1].dtype == torch.float32
+    assert fused.item() == pytest.approx(exact.item(), rel=2e-2)  # bfloat16 products: ~3 significant digits
+    for a, b in zip(g, g_exact):
+        assert (a.double() - b).norm() / b.norm() < 3e-2
+
+def test_bad_real_model_settings(tmp_path, capsys, monkeypatch):
+    for arg, words in (("--micro_batch=-1", "--micro_batch=-1: must be >= 0"),
+                       ("--dtype=float16", "--dtype='float16': must be 'auto', 'float32' or 'bfloat16'"),
+                       ("--export_dtype=int8", "--export_dtype='int8'")):
+        code, _, err = _main(capsys, arg, f"--out_dir={tmp_path / 'out'}")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+    import common
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(SystemExit) as e:
+        common.resolve_dtype("bfloat16", "cuda")
+    assert e.value.code == 2 and "--dtype='bfloat16': this GPU (Tesla T4) has no bfloat16" in capsys.readouterr().err
+    assert common.resolve_dtype("auto", "cuda") == "float32" and common.resolve_dtype("auto", "cpu") == "float32"
+    _tiny_hf(tmp_path / "m")
+    from transformers.models.qwen3 import modeling_qwen3
+    monkeypatch.setattr(modeling_qwen3.Qwen3PreTrainedModel, "supports_gradient_checkpointing", False)
+    code, _, err = _main(capsys, f"--init_from={tmp_path / 'm'}", "--grad_checkpoint=True", f"--out_dir={tmp_path / 'o'}")
+    assert code == 2 and "--grad_checkpoint=True: Qwen3ForCausalLM" in err and "does not support" in err
+    assert not (tmp_path / "o").exists()
+
+# -----------------------------------------------------------------------------
 # several processes: torchrun with gloo on CPU
 
 def test_torchrun_two_processes_match_one(tmp_path):

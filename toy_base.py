@@ -91,7 +91,7 @@ def train_base(cfg, model, tok, sample_train, ck=None):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = common.restore(ck, model, None, opt, rng)[0] if ck else 0
     value_ids = common.confidence_value_ids(tok)
-    autocast = common.autocast(cfg.device)
+    autocast = common.autocast(cfg)
     for step in tqdm(range(start, cfg.base_steps), desc="base (SFT)", mininterval=2, disable=common.RANK != 0):
         frac = max(0.0, (step - cfg.base_warmup) / max(1, cfg.base_steps - cfg.base_warmup))
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr

@@ -37,6 +37,8 @@ from common import RANK, WORLD, decode, student_tokens, teacher_tokens
 # match); `python train_small.py --help` prints them with the comments beside them
 # I/O
 out_dir = "out"            # results.json, reliability.png, completions.jsonl, ckpt.pt, the cached base model
+export_dtype = "auto"      # a Hugging Face student is exported to out_dir/hf in "auto" (the dtype of the files it
+                           # was loaded from), "float32" or "bfloat16"
 init_from = "scratch"      # "scratch" (the toy GPT, trained here in stage 0), "resume" (continue the run
                            # in out_dir from its checkpoint), or a Hugging Face model id or local directory
 seed = 0                   # training seed (base model, rollouts); OPD and CaOPD share it
@@ -89,6 +91,11 @@ min_lr = 0.0               # 0: the final model averages the P_acc of its last s
 grad_clip = 1.0            # gradient norm clip
 # system
 device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
+dtype = "auto"             # compute precision: "auto" (bfloat16 autocast on a GPU that has it, else float32),
+                           # "float32" or "bfloat16". Weights, gradients, optimizer and an EMA teacher stay float32
+micro_batch = 0            # sequences per forward/backward pass (rollouts, teacher, student); 0 = all of a step.
+                           # The step's loss and gradient are the same; peak memory follows micro_batch instead
+grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
 log_every = 25             # steps between printed lines
 eval_every = 0             # steps between held-out evaluations during distillation (0 = only at the end)
@@ -140,6 +147,9 @@ def check_settings(cfg):
         (c.base_conf_shape >= 0, "base_conf_shape", "must be >= 0"),
         (c.base_warmup >= 1, "base_warmup", "must be >= 1"),
         (c.device in ("auto", "cpu", "cuda", "mps"), "device", "must be 'auto', 'cpu', 'cuda' or 'mps'"),
+        (c.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be 'auto', 'float32' or 'bfloat16'"),
+        (c.export_dtype in ("auto", "float32", "bfloat16"), "export_dtype", "must be 'auto', 'float32' or 'bfloat16'"),
+        (c.micro_batch >= 0, "micro_batch", "must be >= 0 (0 = every sequence of a step at once)"),
         (c.prompts_per_step % WORLD == 0, "prompts_per_step", f"must be divisible by the {WORLD} processes"),
     ], cfg)
 
@@ -158,12 +168,16 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
     verdicts and P_acc, then the training completions and the teacher's prompts.
     Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc)."""
     K, places, end = cfg.K, common.decimals(tok), common.end_id(tok)
-    # 1. K rollouts per prompt, all in one batched call. The random numbers of step s come from
-    # a generator seeded by s: the same rollouts after a resume, and for any number of processes
+    # 1. K rollouts per prompt, all in one batched call (or micro_batch rows at a time). Its random numbers come from
+    # a generator seeded by s: the same rollouts after a resume, and for any number of processes or
+    # micro-batches (each chunk draws the uniforms of the whole batch and keeps its rows')
     prompts = [p for p in (student_tokens(tok, ex) for ex in exs) for _ in range(K)]  # each question rendered once
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    with common.autocast(cfg.device):
-        rollouts = caopd.sample(model, prompts, cfg.max_new_tokens, end, cfg.temperature, cfg.top_k, gen, rows=rows)
+    rollouts, mb = [], cfg.micro_batch or len(prompts)
+    for a in range(0, len(prompts), mb):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        with common.autocast(cfg):
+            rollouts += caopd.sample(model, prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature, cfg.top_k,
+                                     gen, rows=(rows[0] + a, rows[1]))
     texts = [decode(tok, r) for r in rollouts]
     # 2. verify them; P_acc per prompt
     correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
@@ -189,34 +203,53 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
         teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note)] * K
     return prompts, completions, teacher_prompts, texts, correct, p_acc
 
-def kl_loss(cfg, model, teacher, prompts, completions, teacher_prompts, estimator=None):
-    """Step 4: the per-token divergence to the teacher on the same completion tokens, averaged over
-    a sequence's tokens, then over sequences. estimator: None (the fused full-vocabulary loss) or a
-    function of the same arguments plus the completion tokens (experiments.py compares some).
-    Returns (loss, student hidden states (B, L, C), teacher hidden states, counted positions (B, L))."""
-    with common.autocast(cfg.device):
-        hs, lens = caopd.completion_hidden(model, prompts, completions)  # (BK, L, C)
-        with torch.no_grad():
-            ht, _ = caopd.completion_hidden(teacher, teacher_prompts, completions)
-        j = torch.arange(hs.shape[1], device=hs.device)
-        counted = (j[None] < torch.tensor(lens, device=hs.device)[:, None]) & (j[None] >= cfg.skip_tokens)  # (BK, L)
-        weight = counted / counted.sum(1, keepdim=True).clamp(min=1)  # mean over a sequence's tokens, then over sequences
-        args = (hs.flatten(0, 1), caopd.output_weight(model), ht.flatten(0, 1), caopd.output_weight(teacher),
-                weight.flatten())
-        if estimator is None:
-            kl = caopd.fused_linear_kl(*args, kind=cfg.loss, beta=cfg.jsd_beta)
-        else:
-            tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions], device=hs.device)  # (BK, L)
-            kl = estimator(*args, tokens.flatten())
-    return kl, hs, ht, counted
+def kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, estimator=None):
+    """Step 4 and its backward pass: the per-token divergence to the teacher on the same completion
+    tokens, averaged over a sequence's tokens, then over sequences; gradients accumulate in model.
+    micro_batch sequences at a time: each chunk's mean is weighted by its share of the step's
+    sequences, so loss and gradient are those of the whole step, and no more than a chunk's
+    activations (and teacher states) are alive at once. estimator: None (the fused full-vocabulary
+    loss) or a function of its arguments plus the completion tokens (experiments.py compares some).
+    Returns the step's loss (a 0-dim tensor)."""
+    device = caopd.output_weight(model).device
+    lens = torch.tensor([len(c) for c in completions], device=device)
+    j = torch.arange(int(lens.max()), device=device)
+    counted = (j[None] < lens[:, None]) & (j[None] >= cfg.skip_tokens)  # (BK, L) positions in the loss
+    weight = counted / counted.sum(1, keepdim=True).clamp(min=1)  # mean over a sequence's tokens, then over sequences
+    total, mb, loss = weight.sum(dtype=torch.float64), cfg.micro_batch or len(prompts), 0.0
+    checkpointing = cfg.grad_checkpoint and not isinstance(model, caopd.GPT)
+    for a in range(0, len(prompts), mb):
+        b = slice(a, a + mb)
+        model.train(checkpointing)  # a Hugging Face model checkpoints only in train mode (dropout: see README)
+        with common.autocast(cfg):
+            hs, _ = caopd.completion_hidden(model, prompts[b], completions[b])  # (mb, L', C)
+            with torch.no_grad():
+                ht, _ = caopd.completion_hidden(teacher, teacher_prompts[b], completions[b])
+            w = weight[b, :hs.shape[1]]  # (mb, L'): L' is the chunk's longest completion
+            args = (hs.flatten(0, 1), caopd.output_weight(model), ht.flatten(0, 1), caopd.output_weight(teacher),
+                    w.flatten())
+            if estimator is None:
+                kl = caopd.fused_linear_kl(*args, kind=cfg.loss, beta=cfg.jsd_beta)
+            else:
+                tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions[b]], device=device)
+                kl = estimator(*args, tokens.flatten())
+            kl = kl * (w.sum(dtype=torch.float64) / total).to(kl.dtype)  # this chunk's share of the step's mean (1 in one)
+        kl.backward()
+        model.eval()
+        loss += kl.detach()
+    return loss
 
 def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, estimator=None, on_log=None):
     """Stage 1 on model, in place; returns the number of skipped (non-finite) updates.
-    held: the held-out questions, evaluated every eval_every steps. estimator: see kl_loss.
+    held: the held-out questions, evaluated every eval_every steps. estimator: see kl_backward.
     on_log(step, model, teacher, prompts, completions, teacher_prompts): called every log_every
     steps before the update (experiments.py logs entropies with it)."""
     rng = random.Random(cfg.seed + 1)  # OPD and CaOPD see the same questions
-    teacher = copy.deepcopy(model).requires_grad_(False)
+    if cfg.dtype == "bfloat16" and cfg.ema_rate == 0:  # a frozen teacher needs no float32 master weights
+        teacher = common.frozen_copy(model, torch.bfloat16)
+    else:  # an EMA teacher's small updates need float32, like the student's
+        teacher = copy.deepcopy(model).requires_grad_(False)
+    set_grad_checkpoint(model, cfg.grad_checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, bad, skipped = common.restore(ck, model, teacher, opt, rng) if ck else (0, 0, 0)
     n = cfg.prompts_per_step // WORLD  # this process's prompts: rank n .. rank n + n - 1 of each step's batch
@@ -230,11 +263,10 @@ def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, e
         exs = sample_train(rng, cfg.prompts_per_step)[RANK * n:RANK * n + n]
         prompts, completions, teacher_prompts, texts, correct, p_acc = rollout_batch(
             cfg, model, tok, method, exs, verify, step, (RANK * n * cfg.K, cfg.prompts_per_step * cfg.K))
-        kl, *_ = kl_loss(cfg, model, teacher, prompts, completions, teacher_prompts, estimator)
         if on_log is not None and step % cfg.log_every == 0:
             on_log(step, model, teacher, prompts, completions, teacher_prompts)
         opt.zero_grad(set_to_none=True)
-        kl.backward()
+        kl = kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, estimator)
         for p in model.parameters():  # what DistributedDataParallel does: average the gradients
             if WORLD > 1 and p.grad is not None:
                 all_mean(p.grad)
@@ -264,7 +296,17 @@ def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, e
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             common.save_checkpoint(cfg, tok, method, step + 1, model, teacher, opt, rng, bad, skipped)
     common.save_checkpoint(cfg, tok, method, cfg.steps, model, teacher, opt, rng, bad, skipped)
+    set_grad_checkpoint(model, False)
     return skipped
+
+def set_grad_checkpoint(model, on):
+    """Gradient checkpointing on or off: per block for our GPT, the model's own for Hugging Face's."""
+    if isinstance(model, caopd.GPT):
+        model.grad_checkpoint = on
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        model.gradient_checkpointing_disable()
 
 # -----------------------------------------------------------------------------
 # evaluation: greedy answers to the held-out questions, student prompt only
@@ -275,7 +317,7 @@ def evaluate(cfg, model, tok, name, held, verify):
     records = []
     for i in tqdm(range(0, len(held), cfg.eval_batch), desc=f"eval {name}", leave=False, disable=RANK != 0):
         exs = held[i:i + cfg.eval_batch]
-        with common.autocast(cfg.device):
+        with common.autocast(cfg):
             completions = caopd.sample(model, [student_tokens(tok, ex) for ex in exs], cfg.max_new_tokens,
                                        common.end_id(tok), temperature=0)
         for ex, r in zip(exs, completions):
@@ -363,9 +405,12 @@ def main(argv):
         if cfg.device == "cuda":
             cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(cfg.device)
+    cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
     torch.set_num_threads(cfg.threads)
     files = None if cfg.task == "arith" else common.read_task_files(cfg)
-    base, tok, context = common.load_model(cfg)
+    base, tok, context, files_dtype = common.load_model(cfg)
+    if cfg.export_dtype == "auto":
+        cfg.export_dtype = files_dtype
     held, sample_train, verify = common.load_task(cfg, tok, files, context)
     check_lengths(cfg, tok, held, context)
     common.take_out_dir(cfg.out_dir)
@@ -374,7 +419,7 @@ def main(argv):
     if cfg.smoke:
         print(f"smoke run: every stage shrunk to seconds ({', '.join(f'{k}={getattr(cfg, k)}' for k in SMOKE)}); "
               f"it checks the machinery, its numbers mean nothing")
-    print(f"device {cfg.device}, {WORLD} process(es), {cfg.threads} thread(s), vocabulary "
+    print(f"device {cfg.device}, {cfg.dtype} compute, {WORLD} process(es), {cfg.threads} thread(s), vocabulary "
           f"{caopd.output_weight(base).shape[0]} tokens, {len(held)} held-out questions, model "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
     t_start, seconds, skipped = time.time(), {}, {}
@@ -403,7 +448,8 @@ def main(argv):
                 common.write_atomic(path, {"model": models[m].state_dict(), "config": vars(cfg),
                                            "skipped": skipped[m]}, "wb")
                 if cfg.init_from != "scratch":
-                    common.export_hf(models[m], tok, os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}"))
+                    common.export_hf(models[m], tok, os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}"),
+                                     cfg.export_dtype)
         seconds[m] = time.time() - t0
     if RANK != 0:
         dist.destroy_process_group()
