@@ -41,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 # every piece we list is one token, and anything else still encodes, byte by byte. A digit is
 # always its own token, never " 7": "1" means the same wherever it stands in a number.
 # Why confidence values are single tokens: spelled as digits ("0", ".", "7"), reverse KL at this
-# scale collapses the stated confidence onto the shared leading "0" (see FEASIBILITY.md).
+# scale collapsed the stated confidence onto the shared leading "0" (a student that cannot yet
+# tell questions apart puts its mass on the token every value starts with), in OPD and CaOPD alike.
 PIECES = r" ?\d\.\d|\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]|\s"
 END = "<|endoftext|>"  # ends every completion (tiktoken calls it eot_token)
 
@@ -414,6 +415,11 @@ def completion_hidden(model, prompts, completions):
         else:
             rest = h0.new_zeros(len(prompts), 0, h0.shape[-1])
         return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
+    return whole_sequences_hidden(model, prompts, completions)
+
+def whole_sequences_hidden(model, prompts, completions):
+    """completion_hidden without a shared prompt: each row's prompt + completion, right-padded."""
+    device, L = output_weight(model).device, max(map(len, completions))
     seqs = [p + c[:-1] for p, c in zip(prompts, completions)]  # prompts of several lengths: right-pad
     T = max(map(len, seqs))
     x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
