@@ -431,33 +431,37 @@ def main(argv):
     t0 = time.time()
     if cfg.base_steps:
         toy_base.cached_base(cfg, base, tok, sample_train, cfg.out_dir, ck if at == 0 else None)
-    seconds["base"] = time.time() - t0
-    models = {"base": base}
+    seconds["base"], seconds["eval"], results = time.time() - t0, 0.0, {}
 
+    def evaluated(name, model):  # each model is scored as soon as it exists (rank 0): then only one is kept
+        t0 = time.time()
+        if RANK == 0:
+            results[name] = evaluate(cfg, model, tok, name, held, verify)
+        seconds["eval"] += time.time() - t0
+
+    evaluated("base", base)
+    start = {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # every method starts from it
+    model = base  # one model in memory: a method's student is the base's weights, loaded again
     for m in methods:
         t0 = time.time()
         i, path = stages.index(m), os.path.join(cfg.out_dir, f"{m}.pt")
-        models[m] = copy.deepcopy(base)
         if i < at:  # finished before the interruption
             saved = common.load_checkpoint(path)
-            models[m].load_state_dict(saved["model"])
+            model.load_state_dict(saved["model"])
             skipped[m] = saved["skipped"]
         else:
-            skipped[m] = distill(cfg, models[m], tok, m, sample_train, verify, ck if i == at else None, held=held)
+            model.load_state_dict(start)
+            skipped[m] = distill(cfg, model, tok, m, sample_train, verify, ck if i == at else None, held=held)
             if RANK == 0:
-                common.write_atomic(path, {"model": models[m].state_dict(), "config": vars(cfg),
-                                           "skipped": skipped[m]}, "wb")
+                common.write_atomic(path, {"model": model.state_dict(), "config": vars(cfg), "skipped": skipped[m]}, "wb")
                 if cfg.init_from != "scratch":
-                    common.export_hf(models[m], tok, os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}"),
+                    common.export_hf(model, tok, os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}"),
                                      cfg.export_dtype)
         seconds[m] = time.time() - t0
+        evaluated(m, model)
     if RANK != 0:
         dist.destroy_process_group()
         return
-
-    t0 = time.time()
-    results = {name: evaluate(cfg, model, tok, name, held, verify) for name, model in models.items()}
-    seconds["eval"] = time.time() - t0
     report(results)
 
     common.write_atomic(os.path.join(cfg.out_dir, "completions.jsonl"),
