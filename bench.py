@@ -24,6 +24,9 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
     python bench.py                 # everything: about 9 minutes (one busy core, peak ~4 GB RAM)
     python bench.py --quick         # first two loss shapes, short sampler config: about 2 minutes
     python bench.py --out=bench.json
+    python bench.py --memory        # a step's peak memory against prompts per step, micro-batches: ~5 minutes
+    python bench.py --real          # Qwen3-0.6B's shapes on the CPU, and what fits on a GPU: ~25 minutes
+    python bench.py --gpu           # on a CUDA GPU: the paper's settings at Qwen3-0.6B's shapes
 
 Timings on a shared machine are noisy: compare the ratios, which are measured side by side.
 """
@@ -333,6 +336,245 @@ def bench_hf_sampler(rows, K, new, reps):
     return r
 
 # -----------------------------------------------------------------------------
+# real models, built from their configurations (no download): a tokenizer trained here on the
+# fixtures, a randomly initialised model of the real shapes
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+def make_hf(path, config, chat_template=CHATML, dtype=torch.float32, seed=0):
+    """A Hugging Face model of `config` with random weights, saved in dtype, and a byte-level BPE
+    tokenizer (a few hundred tokens, trained on data/*/fixture.jsonl), in `path`. Returns the
+    parameter count."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    text = [line for task in ("science", "tooluse") for line in open(os.path.join(HERE, "data", task, "fixture.jsonl"))]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(text + ["Confidence: 0.75 Answer: 0123"], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=chat_template)
+    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    config.vocab_size = max(config.vocab_size, len(tok))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+def qwen3_config(size):
+    """Qwen3's published shapes (their config.json files); the embedding is tied below 8B."""
+    from transformers import Qwen3Config
+    hidden, inter, layers, heads = {"0.6B": (1024, 3072, 28, 16), "1.7B": (2048, 6144, 28, 16),
+                                    "4B": (2560, 9728, 36, 32), "8B": (4096, 12288, 36, 32)}[size]
+    return Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=size != "8B")
+
+def run_measured(cmd, env=None):
+    """Run a command; returns (its output, its peak resident memory in MiB: its own, from wait4)."""
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed ({p.returncode}):\n{out[-3000:]}")
+    return out, usage.ru_maxrss / 1024
+
+def step_seconds(out, method="caopd"):
+    """Seconds of each distillation step after the first, from train_small.py's step lines
+    (--log_every=1: each line ends with the seconds since the stage began)."""
+    t = [float(line.rsplit("|", 1)[1].strip().rstrip("s")) for line in out.splitlines()
+         if line.startswith(f"{method} step") and "KL" in line]
+    return [b - a for a, b in zip(t, t[1:])]
+
+def train_small_step(model_dir, settings, threads):
+    """One run of train_small.py on a model directory (CaOPD on the toy task, whose prompts are
+    short: the model's shapes are what is measured). Returns (median seconds per step, peak MiB)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cmd = [sys.executable, os.path.join(HERE, "train_small.py"), f"--init_from={model_dir}", "--task=arith",
+               "--method=caopd", "--n_eval=2", "--log_every=1", "--ckpt_every=1000", f"--threads={threads}",
+               f"--out_dir={out_dir}"] + [f"--{k}={v}" for k, v in settings.items()]
+        out, peak = run_measured(cmd)
+    steps = step_seconds(out)
+    return statistics.median(steps), peak
+
+def bench_memory():
+    """The issue's measurement: a Llama of width 512 and 8 layers, one CaOPD step (K = 8, 64 new
+    tokens), peak resident memory with 2 and 8 prompts per step, all at once or 16 sequences at a time."""
+    from transformers import LlamaConfig
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_hf(tmp, LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048))
+        for mb in (0, 16):
+            for prompts in (2, 8):
+                s = {"prompts_per_step": prompts, "K": 8, "max_new_tokens": 64, "steps": 2, "micro_batch": mb}
+                sec, peak = train_small_step(tmp, s, threads=1)
+                rows.append({"micro_batch": mb, "prompts": prompts, "peak_mib": peak, "s_per_step": sec})
+                print(f"  micro_batch={mb} prompts={prompts} x K=8: peak {peak:.0f} MiB, {sec:.1f} s/step", flush=True)
+    for mb in (0, 16):
+        a, b = (r["peak_mib"] for r in rows if r["micro_batch"] == mb)
+        rows.append({"micro_batch": mb, "ratio_8_over_2": b / a})
+    return rows
+
+def bench_real(threads):
+    """Qwen3-0.6B's shapes (28 layers, width 1024, 16 / 8 heads, vocabulary 151,936, tied),
+    random weights saved in bfloat16 as Qwen's are, through train_small.py on the CPU: seconds per
+    step and peak memory, float32 and bfloat16 compute, with and without micro-batches and
+    gradient checkpointing. Also the extra memory per sequence in a micro-batch (from 8 and 16
+    sequences at once), which the README's table of what fits extrapolates from."""
+    rows = []
+    base = {"prompts_per_step": 2, "K": 4, "max_new_tokens": 16, "steps": 3}
+    runs = [(d, mb, ckpt, 2) for d in ("float32", "bfloat16") for mb, ckpt in ((0, False), (2, False), (0, True), (2, True))]
+    runs += [("bfloat16", 0, False, 4), ("bfloat16", 0, True, 4)]  # twice the sequences: memory per sequence
+    with tempfile.TemporaryDirectory() as tmp:
+        params = make_hf(tmp, qwen3_config("0.6B"), dtype=torch.bfloat16)
+        print(f"  Qwen3-0.6B-shaped model: {params / 1e6:.0f}M parameters", flush=True)
+        for dtype, mb, ckpt, prompts in runs:
+            s = {**base, "dtype": dtype, "micro_batch": mb, "grad_checkpoint": ckpt, "prompts_per_step": prompts}
+            sec, peak = train_small_step(tmp, s, threads)
+            rows.append({**s, "sequences": prompts * s["K"], "peak_mib": peak, "s_per_step": sec})
+            print(f"  {dtype} micro_batch={mb} grad_checkpoint={ckpt} sequences={rows[-1]['sequences']}: "
+                  f"peak {peak:.0f} MiB, {sec:.1f} s/step", flush=True)
+        cache = bench_prompt_cache(tmp, threads)
+        import common
+        from transformers import AutoTokenizer
+        from data import arith
+        tok = AutoTokenizer.from_pretrained(tmp)  # the student's tokens per sequence in these runs
+        tokens = len(common.render(tok, arith.split(0, 1)[0][0]["messages"])) + base["max_new_tokens"]
+    return {"params": params, "threads": threads, "rows": rows, "prompt_cache": cache, "tokens_per_sequence": tokens}
+
+def bench_prompt_cache(model_dir, threads, questions=2, K=4, prompt=192, new=32, reps=3):
+    """caopd.completion_hidden (each distinct prompt once, into the KV cache) against every row's
+    whole sequence, at the model's real shapes: without gradients (the teacher) and forward +
+    backward (the student). Median seconds, interleaved."""
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(SEED)
+    distinct = [torch.randint(3, 500, (prompt + 8 * q,), generator=g).tolist() for q in range(questions)]
+    prompts = [p for p in distinct for _ in range(K)]
+    completions = [torch.randint(3, 500, (new - r % 3,), generator=g).tolist() for r in range(len(prompts))]
+    times = {k: [] for k in ("shared, no grad", "whole, no grad", "shared, fwd+bwd", "whole, fwd+bwd")}
+    for rep in range(reps + 1):
+        for name in times:
+            fn = caopd.completion_hidden if name.startswith("shared") else caopd.whole_sequences_hidden
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            if "no grad" in name:
+                with torch.no_grad():
+                    fn(model, prompts, completions)
+            else:
+                fn(model, prompts, completions)[0].square().mean().backward()
+            if rep:  # rep 0 warms up
+                times[name].append(time.perf_counter() - t0)
+    r = {"questions": questions, "K": K, "prompt": prompt, "new": new, "times_s": times,
+         **{k: statistics.median(v) for k, v in times.items()}}
+    print(f"  prompt cache, {questions} questions x K={K}, prompts ~{prompt} tokens, completions ~{new}: "
+          + ", ".join(f"{k} {r[k]:.2f} s" for k in times), flush=True)
+    return r
+
+def bench_gpu(tiny=False):
+    """Where CUDA is present: Qwen3-0.6B's shapes at the paper's settings (8 prompts x K = 8
+    rollouts x 1,024 new tokens; random prompts of 300 tokens, the teacher's of 800), bfloat16
+    autocast over float32 weights, a frozen bfloat16 teacher: rollout tokens per second, then the
+    seconds and peak GPU memory of one distillation step (train_small.kl_backward + AdamW), with the
+    fused loss and the unfused reference, every sequence at once and 16 at a time. A random model
+    never stops early, so every completion is the full 1,024 tokens (the worst case).
+    tiny=True: a small model and short sequences on any device, to check the script itself."""
+    import common
+    import train_small as ts
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda" and not tiny:
+        print("  no CUDA device: nothing measured (python bench.py --gpu on a machine with a GPU)")
+        return None
+    if tiny:
+        config = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+        questions, K, new, prompt, teacher_prompt, micro = 2, 2, 8, 12, 20, 2
+    else:
+        config = qwen3_config("0.6B")
+        questions, K, new, prompt, teacher_prompt, micro = 8, 8, 1024, 300, 800, 16
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config).to(device).eval()  # float32 master weights
+    teacher = common.frozen_copy(model, torch.bfloat16)
+    g = torch.Generator().manual_seed(SEED)
+    distinct = [torch.randint(3, config.vocab_size, (prompt,), generator=g).tolist() for _ in range(questions)]
+    prompts = [p for p in distinct for _ in range(K)]
+    teacher_prompts = [torch.randint(3, config.vocab_size, (teacher_prompt,), generator=g).tolist()
+                       for _ in range(questions) for _ in range(K)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    cfg = ts.settings(init_from="bench", dtype="bfloat16", device=device)
+    with common.autocast(cfg):  # rollouts: every distinct prompt K times, the model's own KV cache
+        sync()
+        t0 = time.perf_counter()
+        completions = caopd.sample(model, prompts, new, end_id=config.vocab_size, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(SEED))
+        sync()
+        rollout_s = time.perf_counter() - t0
+    n_tokens = sum(map(len, completions))
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "questions": questions, "K": K,
+              "new_tokens": new, "prompt": prompt, "teacher_prompt": teacher_prompt,
+              "rollout_tok_s": n_tokens / rollout_s, "rollout_s": rollout_s, "steps": []}
+    print(f"  rollouts: {len(prompts)} x {new} tokens in {rollout_s:.1f} s = {result['rollout_tok_s']:.0f} tok/s", flush=True)
+    unfused = lambda hs, ws, ht, wt, w, tokens: caopd.linear_kl_reference(hs, ws, ht, wt, w)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for loss_name, estimator in (("fused", None), ("unfused", unfused)):
+        for mb in (0, micro):
+            cfg = ts.settings(init_from="bench", dtype="bfloat16", device=device, micro_batch=mb)
+            row = {"loss": loss_name, "micro_batch": mb}
+            try:
+                for i in range(2):  # the first step makes AdamW's state; the second is measured
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    sync()
+                    t0 = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    ts.kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, estimator)
+                    opt.step()
+                    sync()
+                row["step_s"] = time.perf_counter() - t0
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            except torch.OutOfMemoryError:
+                row["step_s"], row["peak_gib"] = None, "OOM"
+                opt.zero_grad(set_to_none=True)
+            result["steps"].append(row)
+            print(f"  step, {loss_name} loss, micro_batch={mb}: "
+                  + ("out of memory" if row["peak_gib"] == "OOM" else f"{row['step_s']:.1f} s, peak {row['peak_gib']} GiB"),
+                  flush=True)
+    return result
+
+def fits_table(real):
+    """What fits on one GPU at the paper's settings, from bench_real's measured constants.
+    Memory = 18 bytes x parameters (float32 weights, gradients and AdamW's two moments, and a frozen
+    bfloat16 teacher: exact arithmetic) + activations of one micro-batch (measured: Qwen3-0.6B's
+    extra memory per sequence token under bfloat16 autocast, from 8 and 16 sequences at once on the
+    CPU, scaled to other sizes by hidden size x layers) + the rollouts' bfloat16 KV cache (exact
+    arithmetic: layers x 2 x 8 KV heads x 128 x 2 bytes per token) + the fused loss's float32
+    gradient of the output layer (V x d x 4 bytes) and its buffers (~100 MB)."""
+    rows = {(r["grad_checkpoint"], r["sequences"]): r for r in real["rows"]
+            if r["dtype"] == "bfloat16" and r["micro_batch"] == 0}
+    tokens_per_seq = real["tokens_per_sequence"]  # the measurement's student prompt + new tokens
+    per_token = {ck: (rows[(ck, 16)]["peak_mib"] - rows[(ck, 8)]["peak_mib"]) * 2**20 / (8 * tokens_per_seq)
+                 for ck in (False, True)}  # bytes per token of a micro-batch, at 0.6B
+    sizes = {"0.6B": (0.596e9, 1024, 28), "1.7B": (1.72e9, 2048, 28), "4B": (4.02e9, 2560, 36), "8B": (8.19e9, 4096, 36)}
+    seq, rows_out = 300 + 1024, []  # a ~300-token prompt and 1,024 new tokens
+    for name, (P, d, layers) in sizes.items():
+        scale = d * layers / (1024 * 28)
+        for mb, ck in ((64, False), (16, False), (16, True), (4, True)):
+            gib = (18 * P + per_token[ck] * scale * mb * seq + layers * 2 * 8 * 128 * 2 * mb * seq
+                   + 151936 * d * 4 + 100e6) / 2**30
+            rows_out.append({"model": name, "micro_batch": mb, "grad_checkpoint": ck, "gib": gib,
+                             **{f"fits_{g}": gib < g * 0.93 for g in (24, 80, 141)}})  # ~7% for CUDA's own
+    return {"bytes_per_token_0.6B": per_token, "rows": rows_out}
+
+# -----------------------------------------------------------------------------
 # targets, report
 
 def check_targets(loss, sampler):
@@ -401,7 +643,49 @@ def machine_info():
         pass
     return info
 
+def main_real_models(args):
+    """--memory, --real, --gpu: the real-model measurements, each as asked."""
+    t0, report = time.time(), {"machine": machine_info()}
+    report["machine"]["threads"] = args.threads
+    if args.memory:
+        print("memory of a step, a Llama of width 512 and 8 layers (1 thread):", flush=True)
+        report["memory"] = bench_memory()
+    if args.real:
+        print(f"Qwen3-0.6B's shapes through train_small.py on the CPU ({args.threads} threads):", flush=True)
+        report["real"] = bench_real(args.threads)
+        report["fits"] = fits_table(report["real"])
+        print(markdown_real(report["real"], report["fits"]))
+    if args.gpu:
+        print("the paper's settings at Qwen3-0.6B's shapes on the GPU:", flush=True)
+        report["gpu"] = bench_gpu(args.tiny)
+    report["elapsed_s"] = time.time() - t0
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"took {report['elapsed_s']:.0f} s; wrote {args.out}")
+
+def markdown_real(real, fits):
+    L = ["| compute | micro_batch | grad_checkpoint | sequences | peak RSS (GiB) | s / step |", "|---|---:|---|---:|---:|---:|"]
+    for r in real["rows"]:
+        L.append(f"| {r['dtype']} | {r['micro_batch']} | {r['grad_checkpoint']} | {r['sequences']} | "
+                 f"{r['peak_mib'] / 1024:.1f} | {r['s_per_step']:.1f} |")
+    c = real["prompt_cache"]
+    L += ["", f"Prompt cache ({c['questions']} questions x K = {c['K']}, ~{c['prompt']}-token prompts, ~{c['new']} new "
+          f"tokens): no grad {c['shared, no grad']:.2f} s shared vs {c['whole, no grad']:.2f} s whole; forward + "
+          f"backward {c['shared, fwd+bwd']:.2f} s vs {c['whole, fwd+bwd']:.2f} s."]
+    b = fits["bytes_per_token_0.6B"]
+    L += ["", f"Measured at 0.6B: {b[False] / 2**10:.0f} KiB per token of a micro-batch, {b[True] / 2**10:.0f} KiB with "
+          "gradient checkpointing (bfloat16 autocast).", "",
+          "| model | micro_batch | grad_checkpoint | GiB | 24 GB | 80 GB | 141 GB |", "|---|---:|---|---:|---|---|---|"]
+    for r in fits["rows"]:
+        L.append(f"| {r['model']} | {r['micro_batch']} | {r['grad_checkpoint']} | {r['gib']:.0f} | "
+                 + " | ".join("yes" if r[f"fits_{g}"] else "no" for g in (24, 80, 141)) + " |")
+    return "\n".join(L)
+
 def main(args):
+    if args.memory or args.real or args.gpu:
+        return main_real_models(args)
     t0 = time.time()
     shapes = SHAPES[:2] if args.quick else SHAPES
     print(f"loss benchmark: {len(shapes)} shapes, float32, 1 thread", flush=True)
@@ -432,6 +716,15 @@ def main(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="first two loss shapes, short sampler config")
+    p.add_argument("--memory", action="store_true", help="peak memory of a step against prompts per step (a Llama, "
+                   "width 512, 8 layers), with and without micro-batches: ~5 minutes")
+    p.add_argument("--real", action="store_true", help="Qwen3-0.6B's shapes through train_small.py on the CPU: "
+                   "seconds and peak memory per step, float32 / bfloat16, micro-batches, checkpointing; the table "
+                   "of what fits on a GPU: ~25 minutes and 20 GB of RAM")
+    p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: rollout tokens/s, step time and peak memory "
+                   "at Qwen3-0.6B's shapes with the paper's settings, fused against unfused loss, micro-batches")
+    p.add_argument("--tiny", action="store_true", help="with --gpu: a tiny model on any device (checks the script)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for --real")
     p.add_argument("--out", default=os.path.join(HERE, "bench.json"))
     # internal: the subprocess workers
     p.add_argument("--worker", choices=["fused", "unfused", "ref"], help=argparse.SUPPRESS)

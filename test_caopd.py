@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import caopd
 import experiments
 import toy_base
@@ -823,28 +824,15 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
 # real models: a tiny Qwen-style model and a BPE tokenizer with a chat template, built here
 # (no download), through train_small.py and back out as a Hugging Face model
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = bench.CHATML
 
 def _tiny_hf(path, chat_template=CHATML):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
-    text = [line for task in ("science", "tooluse") for line in open(os.path.join(HERE, "data", task, "fixture.jsonl"))]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(text + ["Confidence: 0.75 Answer: 0123"], trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  chat_template=chat_template)
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    """A Qwen3-style model of ~100k parameters and a BPE tokenizer trained on the fixtures, saved in path."""
+    from transformers import Qwen3Config
+    return bench.make_hf(path, Qwen3Config(vocab_size=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           max_position_embeddings=2048, tie_word_embeddings=True),
+                         chat_template=chat_template)
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
@@ -1085,6 +1073,12 @@ def test_bad_real_model_settings(tmp_path, capsys, monkeypatch):
     code, _, err = _main(capsys, f"--init_from={tmp_path / 'm'}", "--grad_checkpoint=True", f"--out_dir={tmp_path / 'o'}")
     assert code == 2 and "--grad_checkpoint=True: Qwen3ForCausalLM" in err and "does not support" in err
     assert not (tmp_path / "o").exists()
+
+def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model():
+    """python bench.py --gpu is for a machine with a GPU; --tiny runs the same code on a small model here."""
+    result = bench.bench_gpu(tiny=True)
+    assert result["rollout_tok_s"] > 0 and len(result["steps"]) == 4
+    assert all(r["step_s"] > 0 for r in result["steps"])
 
 # -----------------------------------------------------------------------------
 # several processes: torchrun with gloo on CPU
