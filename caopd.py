@@ -239,26 +239,39 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
 # -----------------------------------------------------------------------------
 # Verifier and confidence parser (pure functions, shared by training and evaluation)
 
-CONFIDENCE = re.compile(r"Confidence:\s*(-?[0-9]*\.?[0-9]+)\s*(%?)")
+# The confidence label as models write it, one rule for every place that reads or replaces it:
+# "Confidence:" in any letter case, with markdown emphasis (up to three * or _) around the label
+# and/or the number, as chat models write markdown: "**Confidence:** 0.9", "**Confidence**: 0.9",
+# "Confidence: **0.9**", "__confidence__: 0.9". The number is optional in the pattern so that a
+# label without one ("Confidence: high") is still found, and replaced, by split_confidence.
+CONFIDENCE = re.compile(r"[*_]{0,3}confidence[*_]{0,3}:[*_]{0,3}\s*[*_]{0,3}(?:(-?[0-9]*\.?[0-9]+)\s*(%?))?",
+                        re.IGNORECASE)
 
 def parse_confidence(text, clip=True):
     """The stated confidence, one rule for training and evaluation: the number after the LAST
-    `Confidence:` in text; `85%` reads as 0.85; a value outside [0, 1] is clipped into it (clip=False
-    returns it as written, for counting). None when there is no `Confidence:` followed by a number
-    ("Confidence:" alone, "Confidence: high"): the metrics count that as 0 and in format_rate."""
-    m = CONFIDENCE.findall(text)
+    confidence label in text that has one (spellings: CONFIDENCE above); trailing punctuation
+    ("0.9.") and emphasis after it are ignored; `85%` reads as 0.85; a value outside [0, 1] is clipped
+    into it (clip=False returns it as written, for counting). None when no label is followed by a
+    number ("Confidence:" alone, "Confidence: high"): the metrics count that as 0 and in format_rate."""
+    m = [(v, pct) for v, pct in CONFIDENCE.findall(text) if v]
     if not m:
         return None
     value, percent = m[-1]
     value = float(value) / (100 if percent else 1)
     return min(1.0, max(0.0, value)) if clip else value
 
+def split_confidence(text):
+    """(text before its FIRST confidence label, the rest from that label on, emphasis before the
+    label included): the answer, and what CaOPD replaces. A text without a label is all answer."""
+    m = CONFIDENCE.search(text)
+    return (text, "") if m is None else (text[:m.start()], text[m.start():])
+
 ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 def verify_arith(answer, text):
-    """Toy task verifier: is the first integer after `Answer:` (before `Confidence:`) the right
-    one? Never raises; unparseable output is simply wrong."""
-    m = ANSWER.search(text.split("Confidence:")[0])
+    """Toy task verifier: is the first integer after `Answer:` (before the confidence label) the
+    right one? Never raises; unparseable output is simply wrong."""
+    m = ANSWER.search(split_confidence(text)[0])
     return m is not None and int(m.group(1)) == answer
 
 # The paper's two tasks (their data: data/science/prepare.py, data/tooluse/prepare.py).
@@ -315,9 +328,10 @@ def empirical_confidence(correct, k, smoothed=False):
     return [sum(correct[i:i + k]) / k for i in range(0, len(correct), k)]
 
 def set_confidence(completion, p, decimals):
-    """Strip everything from the first `Confidence:` on and append `Confidence: p`.
+    """Strip everything from the first confidence label on (any spelling parse_confidence reads:
+    "**confidence:** 0.9" is replaced, not followed by a second line) and append `Confidence: p`.
     A completion without one keeps all its text and gets the line appended."""
-    body = completion.split("Confidence:")[0]
+    body = split_confidence(completion)[0]
     if body and not body.endswith("\n"):
         body += "\n"
     return f"{body}Confidence: {p:.{decimals}f}"

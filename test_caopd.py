@@ -320,9 +320,61 @@ def test_verifier_on_malformed_output(text, ok):
     ("Confidence: 0.7", 0.7), ("Confidence: 0.2\nConfidence: 0.9", 0.9), ("Confidence: 1.7", 1.0),
     ("Confidence: 85%", 0.85), ("Confidence: .5", 0.5), ("Confidence:0.30", 0.3), ("Confidence: -0.3", 0.0),
     ("Confidence: 0.4 Confidence: garbage", 0.4), ("Confidence: 120%", 1.0),
+    # as chat models write it: any letter case, markdown emphasis, trailing punctuation
+    ("confidence: 0.7", 0.7), ("CONFIDENCE: 0.7", 0.7), ("**Confidence:** 0.9", 0.9), ("**Confidence**: 0.9", 0.9),
+    ("Confidence: **0.9**", 0.9), ("**Confidence: 0.9**", 0.9), ("*confidence*: 0.9", 0.9), ("__Confidence__: 0.9", 0.9),
+    ("_Confidence_: 0.9", 0.9), ("***Confidence:*** 0.9", 0.9), ("Confidence: 0.9.", 0.9), ("Confidence: 85%.", 0.85),
+    ("**Confidence:** 85%", 0.85), ("Confidence: **high**", None), ("**Confidence:**", None), ("confidence: high", None),
+    ("Confidence: 0.2\n**confidence:** 0.8", 0.8), ("**Confidence:** 0.3\nConfidence: none", 0.3),
 ])
 def test_parse_confidence(text, value):
     assert caopd.parse_confidence(text) == value
+
+# a Qwen-style markdown answer to the science task, and the same answer as the toy writes its own
+CHAT_ANSWER = ("<reasoning>\nCCO is ethanol, C2H6O: **46.069 g/mol**.\n</reasoning>\n<answer>\nB\n</answer>\n\n"
+               "{label} 0.85\n\nLet me know if you need anything else.")
+LABELS = ["Confidence:", "confidence:", "CONFIDENCE:", "**Confidence:**", "**Confidence**:", "*confidence*:",
+          "__Confidence__:", "_Confidence_:", "***Confidence:***"]
+
+@pytest.mark.parametrize("label", LABELS)
+def test_every_spelling_is_read_and_replaced_on_chat_text(label):
+    text = CHAT_ANSWER.format(label=label)
+    assert caopd.parse_confidence(text) == 0.85
+    assert caopd.verify_science("B", text)
+    completion, shown, note = caopd.with_empirical_confidence(text, 0.375, 2)
+    # the answer is kept, the label (its emphasis too) and all after it replaced: one confidence line
+    assert completion == "<reasoning>\nCCO is ethanol, C2H6O: **46.069 g/mol**.\n</reasoning>\n<answer>\nB\n</answer>\n\nConfidence: 0.38"
+    assert caopd.parse_confidence(completion) == 0.38 and len(caopd.CONFIDENCE.findall(completion)) == 1
+    ca = caopd.teacher_prompt("demo", QUESTION, text, shown, note, 2)  # the demonstrated solution's value too
+    assert "</answer>\n\nConfidence: 0.38\nNote: The empirical confidence for this question is 0.38." in ca
+    assert "0.85" not in ca and "Let me know" not in ca
+
+@pytest.mark.parametrize("label", LABELS)
+def test_every_spelling_is_read_and_replaced_on_toy_text(label):
+    text = f"Answer: 0322\n{label} 0.9"
+    assert caopd.parse_confidence(text) == 0.9 and caopd.verify_arith(322, text)
+    assert caopd.set_confidence(text, 0.4, 1) == "Answer: 0322\nConfidence: 0.4"
+    assert caopd.set_confidence(f"Answer: 0322 {label} 0.9", 0.4, 1) == "Answer: 0322 \nConfidence: 0.4"
+    assert caopd.split_confidence(text) == ("Answer: 0322\n", f"{label} 0.9")
+    assert not caopd.verify_arith(322, f"{label} 0.9\nAnswer: 0322")  # an answer after the label is not read
+
+def test_a_label_without_a_number_is_replaced_too():
+    assert caopd.set_confidence("Answer: 0322\n**Confidence:** high", 0.5, 1) == "Answer: 0322\nConfidence: 0.5"
+    assert caopd.split_confidence("no label here") == ("no label here", "")
+
+def test_caopd_rollout_with_a_markdown_label_is_reencoded_with_one_confidence_line(monkeypatch):
+    import train_small
+    cfg = train_small.settings(smoke=True, method="caopd", K=2)
+    ex = {**EX, "messages": [{"role": "user", "content": EX["question"]}]}
+    said = ["Answer: 0322\n**confidence:** 0.9", "Answer: 0321\nConfidence: **0.2**."]  # right, wrong: P_acc 0.5
+    monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
+    verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
+    _, completions, teacher_prompts, texts, correct, p_acc = train_small.rollout_batch(
+        cfg, None, ENC, "caopd", [ex], verify, 0, None)
+    assert texts == said and correct == [True, False] and p_acc == [0.5]
+    assert [ENC.decode(c[:-1]) for c in completions] == ["Answer: 0322\nConfidence: 0.5", "Answer: 0321\nConfidence: 0.5"]
+    assert all(c[-1] == ENC.eot_token and ENC.decode(c[-2:-1]) == " 0.5" for c in completions)  # one value token
+    assert "Answer: 322\nConfidence: 0.5\nNote: The empirical confidence for this question is 0.5." in ENC.decode(teacher_prompts[0])
 
 def test_out_of_range_confidence_is_clipped_and_counted():
     assert caopd.parse_confidence("Confidence: 1.7", clip=False) == 1.7

@@ -182,8 +182,8 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
                 text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], places)
                 # re-encoded: the body keeps at most the rollout's own budget of tokens (a rollout of
                 # stray bytes decodes to U+FFFD, 3 bytes each, and would come back 3x longer)
-                body, value = text.rsplit("Confidence:", 1)
-                tokens = common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, "Confidence:" + value) + [end]
+                body, line = caopd.split_confidence(text)  # line: the new "Confidence: P_acc", the only label left
+                tokens = common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, line) + [end]
             completions.append(tokens)
         # one teacher prompt per question: the K rollouts share solution, shown confidence and Note
         teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note)] * K
