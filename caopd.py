@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import tiktoken
@@ -276,8 +277,16 @@ def verify_arith(answer, text):
 
 # The paper's two tasks (their data: data/science/prepare.py, data/tooluse/prepare.py).
 # Science: a multiple-choice letter in the LAST <answer>...</answer> tag, case and whitespace
-# ignored. Tool use: the first `Action: name` and the JSON object after the `Action Input:` that
-# follows it, compared with the first golden call (key order ignored, value types not).
+# ignored. Tool use is scored two ways, as in the authors' release:
+#   first call (verify_tooluse; their training verifier, so P_acc here): the first `Action: name`
+#     and the JSON object after the `Action Input:` that follows it, equal to the first golden call;
+#   all calls (verify_tooluse_all_calls; their eval_tooluse.py): the names of every `Action:` line,
+#     as a multiset (calls in any order, each counted), equal to the golden calls' names, and the
+#     JSON objects after every `Action Input:`, merged into one dict (a later call's key overwrites
+#     an earlier one's), equal to the golden calls' inputs merged the same way. Which input goes with
+#     which call is not checked, and an input that is not a JSON object is left out of the merge.
+# Both read calls the same way (a whole balanced object, a ```json fence tolerated) and compare
+# JSON with key order ignored and value types not (3 is not "3", nor 3.0).
 ANSWER_TAG = re.compile(r"<answer>([^<]*)</answer>", re.IGNORECASE)
 ACTION = re.compile(r"Action:[ \t]*([^\n]*)")
 ACTION_INPUT = re.compile(r"Action[ _]Input:\s*(?:```(?:json)?\s*)?")  # a ```json fence is tolerated
@@ -301,18 +310,34 @@ def balanced_object(text, start):
                 return text[start:i + 1]
     return None
 
+def json_object_at(text, start):
+    """The JSON object opening at text[start] as a dict; None if there is none, it never closes or is not JSON."""
+    body = text.startswith("{", start) and balanced_object(text, start)
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not JSON; absurdly deep nesting
+        return None
+
+def same_json(a, b):
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
 def verify_tooluse(answer, text):
     action = ACTION.search(text)
     inp = action and ACTION_INPUT.search(text, action.end())
-    body = inp and text.startswith("{", inp.end()) and balanced_object(text, inp.end())
-    if not body:
-        return False
-    try:
-        call = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON; absurdly deep nesting
-        return False
-    return action.group(1).strip() == answer["action"] and \
-        json.dumps(call, sort_keys=True) == json.dumps(answer["action_input"], sort_keys=True)
+    call = json_object_at(text, inp.end()) if inp else None
+    return call is not None and action.group(1).strip() == answer["action"] and same_json(call, answer["action_input"])
+
+def verify_tooluse_all_calls(answer, text):
+    """answer["calls"]: every golden call, {"action", "action_input"} each."""
+    names = Counter(m.group(1).strip() for m in ACTION.finditer(text))
+    merged, golden = {}, {}
+    for m in ACTION_INPUT.finditer(text):
+        merged.update(json_object_at(text, m.end()) or {})
+    for call in answer["calls"]:
+        golden.update(call["action_input"])
+    return names == Counter(call["action"] for call in answer["calls"]) and same_json(merged, golden)
 
 VERIFIERS = {"arith": verify_arith, "science": verify_science, "tooluse": verify_tooluse}
 

@@ -282,9 +282,12 @@ def evaluate(cfg, model, tok, name, held, verify):
             text = decode(tok, r)
             records.append({"model": name, "id": ex["id"], "answer": ex["answer"], "completion": text,
                             "correct": verify(ex, text), "confidence": caopd.parse_confidence(text)})
+            if cfg.task == "tooluse":  # also every golden call, as the authors' eval_tooluse.py scores it
+                records[-1]["correct_all_calls"] = caopd.verify_tooluse_all_calls(ex["answer"], text)
             if "kind" in ex:
                 records[-1]["kind"] = ex["kind"]
-    metrics = caopd.calibration_metrics([r["correct"] for r in records], [r["confidence"] or 0.0 for r in records])
+    stated = [r["confidence"] or 0.0 for r in records]
+    metrics = caopd.calibration_metrics([r["correct"] for r in records], stated)
     metrics["format_rate"] = sum(r["confidence"] is not None for r in records) / len(records)
     raw = [caopd.parse_confidence(r["completion"], clip=False) for r in records]
     metrics["clipped_rate"] = sum(c is not None and not 0 <= c <= 1 for c in raw) / len(records)  # stated outside [0, 1]
@@ -294,14 +297,23 @@ def evaluate(cfg, model, tok, name, held, verify):
     if not metrics["format_ok"]:
         tqdm.write(f"warning: {name}: only {metrics['format_rate']:.0%} of its answers state a confidence (format rate "
                    f"< 0.5): its ECE and the other calibration metrics are not meaningful")
+    if cfg.task == "tooluse":  # the same stated confidences against the all-calls verdicts
+        metrics["all_calls"] = caopd.calibration_metrics([r["correct_all_calls"] for r in records], stated)
     return metrics, records
 
 def report(results):
-    """The table, and two right and two wrong answers of each model."""
-    print(f"\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} {'format':>6s}")
-    for name, (m, _) in results.items():
-        print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
-              f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {m['format_rate']:6.3f}")
+    """The table (tool use: a second one, every golden call checked), and two right and two wrong
+    answers of each model."""
+    tables = [("", None)]  # (title, key of the metrics it shows: None = the top level)
+    if any("all_calls" in m for m, _ in results.values()):
+        tables.append(("\nevery golden call checked (the authors' eval_tooluse.py); above, the first call (training's P_acc)",
+                       "all_calls"))
+    for title, key in tables:
+        print(f"{title}\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} {'format':>6s}")
+        for name, (metrics, _) in results.items():
+            m = metrics[key] if key else metrics
+            print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
+                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {metrics['format_rate']:6.3f}")
     for name, (_, records) in results.items():
         right = [r for r in records if r["correct"]][:2]
         wrong = [r for r in records if not r["correct"]][:2]
