@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import caopd
+import common
 import experiments
 import toy_base
 from data import arith, tasks
@@ -756,6 +757,8 @@ def _main(capsys, *args):
     ("--block_size=16", "--block_size=16: shorter than the toy's longest sequence"),
     ("--threads=0", "--threads=0: must be >= 1"), ("--n_eval=0", "--n_eval=0: must be >= 1"),
     ("--log_every=0", "--log_every=0"), ("--grad_clip=0", "--grad_clip=0.0"),
+    ("--enable_thinking=maybe", "--enable_thinking='maybe': must be 'default', 'true' or 'false'"),
+    ("--enable_thinking=True", "--enable_thinking='True': must be"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, arg, words):
     code, out, err = _main(capsys, arg, f"--out_dir={tmp_path / 'out'}")
@@ -1052,6 +1055,58 @@ def test_hf_model_plain_text_tooluse_and_arith(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     arith_res = json.loads((tmp_path / "arith" / "results.json").read_text())["models"]["opd"]
     assert arith_res["n"] == 6 and "all_calls" not in arith_res
+
+# Qwen3's way: the generation prompt closes an empty think block when enable_thinking is false. This
+# one also opens one when it is true, so that each of the three values renders differently
+THINKING = CHATML.replace("<|im_start|>assistant\n{% endif %}",
+                          "<|im_start|>assistant\n{% if enable_thinking is defined %}{% if enable_thinking is false %}"
+                          "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}{% endif %}")
+
+def test_enable_thinking_reaches_the_template_for_student_and_teacher(tmp_path):
+    from transformers import AutoTokenizer
+    _tiny_hf(tmp_path / "thinking", chat_template=THINKING)
+    _tiny_hf(tmp_path / "chatml")
+    tok, plain = AutoTokenizer.from_pretrained(tmp_path / "thinking"), AutoTokenizer.from_pretrained(tmp_path / "chatml")
+    assert common.template_reads(tok, "enable_thinking") and not common.template_reads(plain, "enable_thinking")
+    assert not common.template_reads(ENC, "enable_thinking")  # the toy has no template
+    ex = {"messages": [{"role": "user", "content": "Which element is Na?"}]}
+    tail = {"default": "<|im_start|>assistant\n", "false": "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            "true": "<|im_start|>assistant\n<think>\n"}
+    for value, end in tail.items():
+        student = tok.decode(common.student_tokens(tok, ex, value))
+        teacher = tok.decode(common.teacher_tokens(tok, ex, "demo", "Sodium.\nConfidence: 0.9", 0.5, 0.5, value))
+        assert student == "<|im_start|>user\nWhich element is Na?<|im_end|>\n" + end
+        assert teacher.startswith("<|im_start|>user\nWhich element is Na?\nThis is an example") and teacher.endswith(
+            "Now answer with a response of your own.\n<|im_end|>\n" + end)
+        # a template that never reads it renders the same whatever the value
+        assert plain.decode(common.student_tokens(plain, ex, value)) == student.replace(end, tail["default"])
+
+def test_enable_thinking_in_a_run_and_ignored_once_where_unused(tmp_path, monkeypatch, capsys):
+    import train_small
+    _tiny_hf(tmp_path / "thinking", chat_template=THINKING)
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    seen = []  # every prompt of the run: rollouts, student and teacher forward passes, evaluation
+    sample, hidden = caopd.sample, caopd.completion_hidden
+    monkeypatch.setattr(caopd, "sample", lambda model, prompts, *a, **k: seen.extend(prompts) or sample(model, prompts, *a, **k))
+    monkeypatch.setattr(caopd, "completion_hidden", lambda model, prompts, c: seen.extend(prompts) or hidden(model, prompts, c))
+    train_small.main([f"--init_from={tmp_path / 'thinking'}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
+                      *HF_RUN, "--steps=1", "--n_eval=2", "--method=caopd", "--teacher_context=correct_solution",
+                      "--enable_thinking=false", f"--out_dir={tmp_path / 'out'}"])
+    assert "ignored" not in capsys.readouterr().out
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "thinking")
+    texts = [tok.decode(p) for p in seen]
+    assert len(texts) == 4 * 2 * 3 + 2 * 2  # one step of 4 prompts x K = 2: rollouts, student, teacher; then
+                                            # 2 held-out questions x 2 models
+    assert all(t.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for t in texts)
+    assert sum("Correct solution:" in t for t in texts) == 8  # the teacher's prompts too
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["enable_thinking"] == "false"
+    # a template that never reads it: said once, and the run goes on
+    _tiny_hf(tmp_path / "chatml")
+    r = _run(f"--init_from={tmp_path / 'chatml'}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
+             *HF_RUN, "--steps=1", "--n_eval=2", "--method=opd", "--enable_thinking=true", f"--out_dir={tmp_path / 'b'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("--enable_thinking='true' ignored: its chat template never reads it\n") == 1
 
 def test_hf_sampler_matches_a_full_forward_with_left_padding(tiny_hf):
     from transformers import AutoModelForCausalLM

@@ -50,6 +50,10 @@ data = ""                  # science / tooluse: training JSONL ("" = data/<task>
 eval_data = ""             # science / tooluse: held-out JSONL ("" = data/<task>/eval.jsonl)
 data_seed = 0              # arith: fixes the held-out questions, so every run is scored on the same ones
 n_eval = 1000              # held-out questions (science / tooluse: the first n_eval of eval_data)
+enable_thinking = "default"  # a Hugging Face chat template's enable_thinking, for student and teacher prompts
+                           # alike: "default" (the template's own: Qwen3 thinks), "true" or "false" (Qwen3: an
+                           # empty <think></think>, no thinking). A template that never reads it ignores it, and
+                           # the run says so
 # model (the toy GPT, trained from scratch in stage 0)
 n_layer = 4                # transformer blocks
 n_head = 4                 # attention heads per block
@@ -118,6 +122,7 @@ def check_settings(cfg):
          "needs a pretrained model: add --init_from=<Hugging Face model id or directory>"),
         (c.task == "arith" or c.base_steps == 0, "base_steps", "stage 0 is the toy curriculum: --task=arith only"),
         (c.teacher_context in caopd.TEMPLATES, "teacher_context", f"must be one of {list(caopd.TEMPLATES)}"),
+        (c.enable_thinking in ("default", "true", "false"), "enable_thinking", "must be 'default', 'true' or 'false'"),
         (c.loss in ("reverse", "forward", "jsd"), "loss", "must be 'reverse', 'forward' or 'jsd'"),
         (0 <= c.jsd_beta <= 1, "jsd_beta", "must be in [0, 1]"),
         (c.K >= 1, "K", "must be >= 1"),
@@ -160,7 +165,8 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
     K, places, end = cfg.K, common.decimals(tok), common.end_id(tok)
     # 1. K rollouts per prompt, all in one batched call. The random numbers of step s come from
     # a generator seeded by s: the same rollouts after a resume, and for any number of processes
-    prompts = [p for p in (student_tokens(tok, ex) for ex in exs) for _ in range(K)]  # each question rendered once
+    rendered = [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs]  # each question rendered once
+    prompts = [p for p in rendered for _ in range(K)]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     with common.autocast(cfg.device):
         rollouts = caopd.sample(model, prompts, cfg.max_new_tokens, end, cfg.temperature, cfg.top_k, gen, rows=rows)
@@ -186,7 +192,7 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
                 tokens = common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, line) + [end]
             completions.append(tokens)
         # one teacher prompt per question: the K rollouts share solution, shown confidence and Note
-        teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note)] * K
+        teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note, cfg.enable_thinking)] * K
     return prompts, completions, teacher_prompts, texts, correct, p_acc
 
 def kl_loss(cfg, model, teacher, prompts, completions, teacher_prompts, estimator=None):
@@ -276,7 +282,7 @@ def evaluate(cfg, model, tok, name, held, verify):
     for i in tqdm(range(0, len(held), cfg.eval_batch), desc=f"eval {name}", leave=False, disable=RANK != 0):
         exs = held[i:i + cfg.eval_batch]
         with common.autocast(cfg.device):
-            completions = caopd.sample(model, [student_tokens(tok, ex) for ex in exs], cfg.max_new_tokens,
+            completions = caopd.sample(model, [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs], cfg.max_new_tokens,
                                        common.end_id(tok), temperature=0)
         for ex, r in zip(exs, completions):
             text = decode(tok, r)
@@ -353,7 +359,7 @@ def check_lengths(cfg, tok, held, context):
                    f"answer to held-out question {need[1]} (answer, 'Confidence:' line, end token) takes {need[0]} tokens")
     if cfg.init_from == "scratch":
         ex = held[0]  # the toy's questions of one mix have one length
-        prompt = max(len(teacher_tokens(tok, ex, c, ex["reference"], 1.0, 1.0)) for c in caopd.TEMPLATES)
+        prompt = max(len(teacher_tokens(tok, ex, c, ex["reference"], 1.0, 1.0, cfg.enable_thinking)) for c in caopd.TEMPLATES)
         longest = prompt + cfg.max_new_tokens + conf  # a CaOPD completion: the rollout's body + its new confidence line
         if longest > context:
             common.die(f"--block_size={cfg.block_size}: shorter than the toy's longest sequence, {longest} tokens "
@@ -378,6 +384,9 @@ def main(argv):
     torch.set_num_threads(cfg.threads)
     files = None if cfg.task == "arith" else common.read_task_files(cfg)
     base, tok, context = common.load_model(cfg)
+    if cfg.enable_thinking != "default" and not common.template_reads(tok, "enable_thinking"):
+        why = "the toy has no chat template" if cfg.init_from == "scratch" else "its chat template never reads it"
+        print(f"--enable_thinking={cfg.enable_thinking!r} ignored: {why}")
     held, sample_train, verify = common.load_task(cfg, tok, files, context)
     check_lengths(cfg, tok, held, context)
     common.take_out_dir(cfg.out_dir)
