@@ -702,7 +702,7 @@ def test_load_rows_missing_and_empty(tmp_path):
     ("tooluse", json.dumps({**TOOL_OK, "answer": {"action_input": {}}}), "'answer' must be"),
     ("tooluse", json.dumps({**TOOL_OK, "answer": "f"}), "'answer' must be"),
     ("tooluse", json.dumps({**TOOL_OK, "answer": {"action": "f", "action_input": {}}}),
-     "'answer' must be .*'calls'.* delete them and run data/tooluse/prepare.py again"),  # a file from before
+     "'answer' has no 'calls' .*delete it and run data/tooluse/prepare.py again"),  # a file from before
     ("tooluse", json.dumps({**TOOL_OK, "answer": {**TOOL_OK["answer"], "calls": []}}), "'answer' must be"),
     ("tooluse", json.dumps({**TOOL_OK, "answer": {**TOOL_OK["answer"], "calls": [{"action": "f"}]}}), "'answer' must be"),
     ("tooluse", json.dumps({**TOOL_OK, "answer": {**TOOL_OK["answer"], "calls": [{"action": "g", "action_input": {}}]}}),

@@ -39,11 +39,12 @@ def row_problem(row, task):
     if task == "tooluse":
         call = lambda c: isinstance(c, dict) and isinstance(c.get("action"), str) and c["action"] \
             and isinstance(c.get("action_input"), dict)
-        if not (isinstance(a, dict) and call(a) and isinstance(a.get("calls"), list) and a["calls"]
-                and all(call(c) and set(c) == {"action", "action_input"} for c in a["calls"])):
-            return ("'answer' must be {'action': non-empty str, 'action_input': dict, 'calls': a non-empty list of "
-                    "such calls} (files written before every golden call was kept: delete them and run "
+        if isinstance(a, dict) and call(a) and "calls" not in a:
+            return ("'answer' has no 'calls' (a file written before every golden call was kept: delete it and run "
                     "data/tooluse/prepare.py again)")
+        if not (isinstance(a, dict) and call(a) and isinstance(a["calls"], list) and a["calls"]
+                and all(call(c) and set(c) == {"action", "action_input"} for c in a["calls"])):
+            return "'answer' must be {'action': non-empty str, 'action_input': dict, 'calls': a non-empty list of such calls}"
         if a["calls"][0] != {"action": a["action"], "action_input": a["action_input"]}:
             return "'answer': its 'action' and 'action_input' must be its first call, 'calls'[0]"
     if not isinstance(row["reference"], str):
