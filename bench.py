@@ -445,7 +445,7 @@ def bench_real(threads):
         from transformers import AutoTokenizer
         from data import arith
         tok = AutoTokenizer.from_pretrained(tmp)  # the student's tokens per sequence in these runs
-        tokens = len(common.render(tok, arith.split(0, 1)[0][0]["messages"])) + base["max_new_tokens"]
+        tokens = len(common.render(tok, arith.split(0, 1)[0][0]["messages"], "default")) + base["max_new_tokens"]
     return {"params": params, "threads": threads, "rows": rows, "prompt_cache": cache, "tokens_per_sequence": tokens}
 
 def bench_prompt_cache(model_dir, threads, questions=2, K=4, prompt=192, new=32, reps=3):

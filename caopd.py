@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import tiktoken
@@ -269,32 +270,56 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
 # -----------------------------------------------------------------------------
 # Verifier and confidence parser (pure functions, shared by training and evaluation)
 
-CONFIDENCE = re.compile(r"Confidence:\s*(-?[0-9]*\.?[0-9]+)\s*(%?)")
+# The confidence label as models write it, one rule for every place that reads or replaces it:
+# "Confidence:" in any letter case, with markdown emphasis (up to three * or _) around the label
+# and/or the number, as chat models write markdown: "**Confidence:** 0.9", "**Confidence**: 0.9",
+# "Confidence: **0.9**", "__confidence__: 0.9". The number is optional in the pattern so that a
+# label without one ("Confidence: high") is still found, and replaced, by split_confidence.
+CONFIDENCE = re.compile(r"[*_]{0,3}confidence[*_]{0,3}:[*_]{0,3}\s*[*_]{0,3}(?:(-?[0-9]*\.?[0-9]+)\s*(%?))?",
+                        re.IGNORECASE)
 
 def parse_confidence(text, clip=True):
     """The stated confidence, one rule for training and evaluation: the number after the LAST
-    `Confidence:` in text; `85%` reads as 0.85; a value outside [0, 1] is clipped into it (clip=False
-    returns it as written, for counting). None when there is no `Confidence:` followed by a number
-    ("Confidence:" alone, "Confidence: high"): the metrics count that as 0 and in format_rate."""
-    m = CONFIDENCE.findall(text)
+    confidence label in text that has one (spellings: CONFIDENCE above); trailing punctuation
+    ("0.9.") and emphasis after it are ignored; `85%` reads as 0.85; a value outside [0, 1] is clipped
+    into it (clip=False returns it as written, for counting). None when no label is followed by a
+    number ("Confidence:" alone, "Confidence: high"): the metrics count that as 0 and in format_rate."""
+    m = [(v, pct) for v, pct in CONFIDENCE.findall(text) if v]
     if not m:
         return None
     value, percent = m[-1]
     value = float(value) / (100 if percent else 1)
     return min(1.0, max(0.0, value)) if clip else value
 
+def split_confidence(text):
+    """(text before its FIRST confidence label, the rest from that label on, emphasis before the
+    label included): the answer, and what CaOPD replaces. A text without a label is all answer."""
+    m = CONFIDENCE.search(text)
+    return (text, "") if m is None else (text[:m.start()], text[m.start():])
+
 ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 def verify_arith(answer, text):
-    """Toy task verifier: is the first integer after `Answer:` (before `Confidence:`) the right
-    one? Never raises; unparseable output is simply wrong."""
-    m = ANSWER.search(text.split("Confidence:")[0])
+    """Toy task verifier: is the first integer after `Answer:` (before the confidence label) the
+    right one? Never raises; unparseable output is simply wrong."""
+    m = ANSWER.search(split_confidence(text)[0])
     return m is not None and int(m.group(1)) == answer
 
 # The paper's two tasks (their data: data/science/prepare.py, data/tooluse/prepare.py).
 # Science: a multiple-choice letter in the LAST <answer>...</answer> tag, case and whitespace
-# ignored. Tool use: the first `Action: name` and the JSON object after the `Action Input:` that
-# follows it, compared with the first golden call (key order ignored, value types not).
+# ignored. Tool use is scored two ways, as in the authors' release:
+#   first call (verify_tooluse; their training verifier, so P_acc here): the first `Action: name`
+#     and the JSON object after the `Action Input:` that follows it, equal to the first golden call;
+#   all calls (verify_tooluse_all_calls; their eval_tooluse.py): the names of every `Action:` line,
+#     as a multiset (calls in any order, each counted), equal to the golden calls' names, and the
+#     JSON objects after every `Action Input:`, merged into one dict (a later call's key overwrites
+#     an earlier one's), equal to the golden calls' inputs merged the same way. Which input goes with
+#     which call is not checked, and an input that is not a JSON object is left out of the merge.
+# Both read calls the same way (a whole balanced object, a ```json fence tolerated) and compare
+# JSON with key order ignored and value types not (3 is not "3", nor 3.0). eval_tooluse.py's own
+# reading cuts an input at its first "}" and a name at its first non-word character, so the
+# release's golden calls, written out, score 95 of its 97 eval rows there (a nested object; an
+# "[Optional]updateUserProfile") and 97 here.
 ANSWER_TAG = re.compile(r"<answer>([^<]*)</answer>", re.IGNORECASE)
 ACTION = re.compile(r"Action:[ \t]*([^\n]*)")
 ACTION_INPUT = re.compile(r"Action[ _]Input:\s*(?:```(?:json)?\s*)?")  # a ```json fence is tolerated
@@ -318,18 +343,34 @@ def balanced_object(text, start):
                 return text[start:i + 1]
     return None
 
+def json_object_at(text, start):
+    """The JSON object opening at text[start] as a dict; None if there is none, it never closes or is not JSON."""
+    body = text.startswith("{", start) and balanced_object(text, start)
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not JSON; absurdly deep nesting
+        return None
+
+def same_json(a, b):
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
 def verify_tooluse(answer, text):
     action = ACTION.search(text)
     inp = action and ACTION_INPUT.search(text, action.end())
-    body = inp and text.startswith("{", inp.end()) and balanced_object(text, inp.end())
-    if not body:
-        return False
-    try:
-        call = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON; absurdly deep nesting
-        return False
-    return action.group(1).strip() == answer["action"] and \
-        json.dumps(call, sort_keys=True) == json.dumps(answer["action_input"], sort_keys=True)
+    call = json_object_at(text, inp.end()) if inp else None
+    return call is not None and action.group(1).strip() == answer["action"] and same_json(call, answer["action_input"])
+
+def verify_tooluse_all_calls(answer, text):
+    """answer["calls"]: every golden call, {"action", "action_input"} each."""
+    names = Counter(m.group(1).strip() for m in ACTION.finditer(text))
+    merged, golden = {}, {}
+    for m in ACTION_INPUT.finditer(text):
+        merged.update(json_object_at(text, m.end()) or {})
+    for call in answer["calls"]:
+        golden.update(call["action_input"])
+    return names == Counter(call["action"] for call in answer["calls"]) and same_json(merged, golden)
 
 VERIFIERS = {"arith": verify_arith, "science": verify_science, "tooluse": verify_tooluse}
 
@@ -345,9 +386,10 @@ def empirical_confidence(correct, k, smoothed=False):
     return [sum(correct[i:i + k]) / k for i in range(0, len(correct), k)]
 
 def set_confidence(completion, p, decimals):
-    """Strip everything from the first `Confidence:` on and append `Confidence: p`.
+    """Strip everything from the first confidence label on (any spelling parse_confidence reads:
+    "**confidence:** 0.9" is replaced, not followed by a second line) and append `Confidence: p`.
     A completion without one keeps all its text and gets the line appended."""
-    body = completion.split("Confidence:")[0]
+    body = split_confidence(completion)[0]
     if body and not body.endswith("\n"):
         body += "\n"
     return f"{body}Confidence: {p:.{decimals}f}"

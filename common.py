@@ -288,17 +288,25 @@ def decode(tok, ids):
     end = end_id(tok)
     return tok.decode([t for t in ids if t != end])
 
-def render(tok, messages):
+def template_reads(tok, name):
+    """Whether tok's chat template uses the variable `name`: a look at its Jinja source (the text of
+    all its templates when it has several). The toy tokenizer has no template."""
+    return name in str(getattr(tok, "chat_template", None) or "")
+
+def render(tok, messages, enable_thinking):
     """A chat -> prompt tokens: the tokenizer's chat template where it has one, else each
-    message's text on its own lines (the toy: "question\n")."""
+    message's text on its own lines (the toy: "question\n"). enable_thinking ("default", "true",
+    "false", the setting) goes to the template as its variable of that name, unless "default";
+    a template that never reads it is unchanged by it."""
     if getattr(tok, "chat_template", None):
-        return encode(tok, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        options = {} if enable_thinking == "default" else {"enable_thinking": enable_thinking == "true"}
+        return encode(tok, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options))
     return encode(tok, "".join(m["content"].rstrip("\n") + "\n" for m in messages))
 
-def student_tokens(tok, ex):
-    return render(tok, ex["messages"])
+def student_tokens(tok, ex, enable_thinking):
+    return render(tok, ex["messages"], enable_thinking)
 
-def teacher_tokens(tok, ex, context, solution, shown, note):
+def teacher_tokens(tok, ex, context, solution, shown, note, enable_thinking):
     """The student's chat with the privileged context (template `context`) added to its last user
     turn. A system message stays as it is: rebuilding the teacher prompt from the system turn would
     lose the question (a bug of the reference code)."""
@@ -306,7 +314,7 @@ def teacher_tokens(tok, ex, context, solution, shown, note):
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
     messages[last]["content"] = caopd.teacher_prompt(context, messages[last]["content"], solution, shown, note,
                                                      decimals(tok))
-    return render(tok, messages)
+    return render(tok, messages, enable_thinking)
 
 def confidence_value_ids(tok):
     """The toy's stated confidences 0.0, 0.1, ..., 1.0: one token each (see caopd.toy_tokenizer)."""
@@ -343,8 +351,8 @@ def load_task(cfg, tok, files, context):
         return held, sample_train, lambda ex, text: caopd.verify_arith(ex["answer"], text)
     rows = {}
     for split, (path, examples) in files.items():
-        fits = [ex for ex in examples if len(teacher_tokens(tok, ex, cfg.teacher_context, ex["reference"], 1.0, 1.0))
-                + cfg.max_new_tokens <= context]
+        fits = [ex for ex in examples if len(teacher_tokens(tok, ex, cfg.teacher_context, ex["reference"], 1.0, 1.0,
+                                                            cfg.enable_thinking)) + cfg.max_new_tokens <= context]
         if len(fits) < len(examples):
             first = next(ex["id"] for ex in examples if ex not in fits)
             print(f"{path}: skipped {len(examples) - len(fits)} of {len(examples)} questions longer than the context "

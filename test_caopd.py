@@ -10,6 +10,7 @@ import torch
 
 import bench
 import caopd
+import common
 import experiments
 import toy_base
 from data import arith, tasks
@@ -321,9 +322,61 @@ def test_verifier_on_malformed_output(text, ok):
     ("Confidence: 0.7", 0.7), ("Confidence: 0.2\nConfidence: 0.9", 0.9), ("Confidence: 1.7", 1.0),
     ("Confidence: 85%", 0.85), ("Confidence: .5", 0.5), ("Confidence:0.30", 0.3), ("Confidence: -0.3", 0.0),
     ("Confidence: 0.4 Confidence: garbage", 0.4), ("Confidence: 120%", 1.0),
+    # as chat models write it: any letter case, markdown emphasis, trailing punctuation
+    ("confidence: 0.7", 0.7), ("CONFIDENCE: 0.7", 0.7), ("**Confidence:** 0.9", 0.9), ("**Confidence**: 0.9", 0.9),
+    ("Confidence: **0.9**", 0.9), ("**Confidence: 0.9**", 0.9), ("*confidence*: 0.9", 0.9), ("__Confidence__: 0.9", 0.9),
+    ("_Confidence_: 0.9", 0.9), ("***Confidence:*** 0.9", 0.9), ("Confidence: 0.9.", 0.9), ("Confidence: 85%.", 0.85),
+    ("**Confidence:** 85%", 0.85), ("Confidence: **high**", None), ("**Confidence:**", None), ("confidence: high", None),
+    ("Confidence: 0.2\n**confidence:** 0.8", 0.8), ("**Confidence:** 0.3\nConfidence: none", 0.3),
 ])
 def test_parse_confidence(text, value):
     assert caopd.parse_confidence(text) == value
+
+# a Qwen-style markdown answer to the science task, and the same answer as the toy writes its own
+CHAT_ANSWER = ("<reasoning>\nCCO is ethanol, C2H6O: **46.069 g/mol**.\n</reasoning>\n<answer>\nB\n</answer>\n\n"
+               "{label} 0.85\n\nLet me know if you need anything else.")
+LABELS = ["Confidence:", "confidence:", "CONFIDENCE:", "**Confidence:**", "**Confidence**:", "*confidence*:",
+          "__Confidence__:", "_Confidence_:", "***Confidence:***"]
+
+@pytest.mark.parametrize("label", LABELS)
+def test_every_spelling_is_read_and_replaced_on_chat_text(label):
+    text = CHAT_ANSWER.format(label=label)
+    assert caopd.parse_confidence(text) == 0.85
+    assert caopd.verify_science("B", text)
+    completion, shown, note = caopd.with_empirical_confidence(text, 0.375, 2)
+    # the answer is kept, the label (its emphasis too) and all after it replaced: one confidence line
+    assert completion == "<reasoning>\nCCO is ethanol, C2H6O: **46.069 g/mol**.\n</reasoning>\n<answer>\nB\n</answer>\n\nConfidence: 0.38"
+    assert caopd.parse_confidence(completion) == 0.38 and len(caopd.CONFIDENCE.findall(completion)) == 1
+    ca = caopd.teacher_prompt("demo", QUESTION, text, shown, note, 2)  # the demonstrated solution's value too
+    assert "</answer>\n\nConfidence: 0.38\nNote: The empirical confidence for this question is 0.38." in ca
+    assert "0.85" not in ca and "Let me know" not in ca
+
+@pytest.mark.parametrize("label", LABELS)
+def test_every_spelling_is_read_and_replaced_on_toy_text(label):
+    text = f"Answer: 0322\n{label} 0.9"
+    assert caopd.parse_confidence(text) == 0.9 and caopd.verify_arith(322, text)
+    assert caopd.set_confidence(text, 0.4, 1) == "Answer: 0322\nConfidence: 0.4"
+    assert caopd.set_confidence(f"Answer: 0322 {label} 0.9", 0.4, 1) == "Answer: 0322 \nConfidence: 0.4"
+    assert caopd.split_confidence(text) == ("Answer: 0322\n", f"{label} 0.9")
+    assert not caopd.verify_arith(322, f"{label} 0.9\nAnswer: 0322")  # an answer after the label is not read
+
+def test_a_label_without_a_number_is_replaced_too():
+    assert caopd.set_confidence("Answer: 0322\n**Confidence:** high", 0.5, 1) == "Answer: 0322\nConfidence: 0.5"
+    assert caopd.split_confidence("no label here") == ("no label here", "")
+
+def test_caopd_rollout_with_a_markdown_label_is_reencoded_with_one_confidence_line(monkeypatch):
+    import train_small
+    cfg = train_small.settings(smoke=True, method="caopd", K=2)
+    ex = {**EX, "messages": [{"role": "user", "content": EX["question"]}]}
+    said = ["Answer: 0322\n**confidence:** 0.9", "Answer: 0321\nConfidence: **0.2**."]  # right, wrong: P_acc 0.5
+    monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
+    verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
+    _, completions, teacher_prompts, texts, correct, p_acc = train_small.rollout_batch(
+        cfg, None, ENC, "caopd", [ex], verify, 0, None)
+    assert texts == said and correct == [True, False] and p_acc == [0.5]
+    assert [ENC.decode(c[:-1]) for c in completions] == ["Answer: 0322\nConfidence: 0.5", "Answer: 0321\nConfidence: 0.5"]
+    assert all(c[-1] == ENC.eot_token and ENC.decode(c[-2:-1]) == " 0.5" for c in completions)  # one value token
+    assert "Answer: 322\nConfidence: 0.5\nNote: The empirical confidence for this question is 0.5." in ENC.decode(teacher_prompts[0])
 
 def test_out_of_range_confidence_is_clipped_and_counted():
     assert caopd.parse_confidence("Confidence: 1.7", clip=False) == 1.7
@@ -405,11 +458,17 @@ def test_science_eval_row_errors(row, message):
 # ----------------------------------------------------------------------------
 # tool-use converter
 
-def test_tooluse_train_row_first_call_and_joined_response():
+TOOL_CALLS = [{"action": "getForecast", "action_input": {"city": "Denver", "days": 3}},
+              {"action": "getCurrentWeather", "action_input": {"city": "Denver"}}]
+
+def test_tooluse_train_row_keeps_every_call_and_joins_the_response():
     assert tooluse.convert_row(TOOL_ROW, 5, "train") == {
         "id": "train-5", "messages": [{"role": "user", "content": tooluse.ask_confidence(TOOL_PROMPT)}],
-        "answer": {"action": "getForecast", "action_input": {"city": "Denver", "days": 3}},
+        "answer": {"action": "getForecast", "action_input": {"city": "Denver", "days": 3}, "calls": TOOL_CALLS},
         "reference": "\n".join(TOOL_ROW["golden_response"])}
+    five = {**TOOL_ROW, "golden_answer": [{"Action": f" f{i} ", "Action_Input": f'{{"k": {i}}}'} for i in range(5)]}
+    assert tooluse.convert_row(five, 0, "train")["answer"]["calls"] == [{"action": f"f{i}", "action_input": {"k": i}}
+                                                                        for i in range(5)]
 
 def test_tooluse_confidence_line_goes_into_the_format_block():
     content = tooluse.ask_confidence(TOOL_PROMPT)
@@ -419,9 +478,11 @@ def test_tooluse_confidence_line_goes_into_the_format_block():
 def test_tooluse_eval_row_without_response():
     row = {k: v for k, v in TOOL_ROW.items() if k != "golden_response"}
     got = tooluse.convert_row(row, 0, "eval")
-    assert got["id"] == "eval-0"
-    assert got["reference"] == 'Action: getForecast\nAction Input: {"city": "Denver", "days": 3}'
+    assert got["id"] == "eval-0" and got["answer"]["calls"] == TOOL_CALLS
+    assert got["reference"] == ('Action: getForecast\nAction Input: {"city": "Denver", "days": 3}\n'
+                                'Action: getCurrentWeather\nAction Input: {"city": "Denver"}')  # every call, in order
     assert caopd.verify_tooluse(got["answer"], got["reference"])
+    assert caopd.verify_tooluse_all_calls(got["answer"], got["reference"])
 
 @pytest.mark.parametrize("change, message", [
     ({"golden_response": None}, "tooluse train row 9: missing field 'golden_response'"),
@@ -430,6 +491,12 @@ def test_tooluse_eval_row_without_response():
     ({"golden_answer": [{"Action": "", "Action_Input": "{}"}]}, r"tooluse train row 9: golden_answer\[0\] has no 'Action'"),
     ({"golden_answer": [{"Action": "f", "Action_Input": "{city: Paris}"}]}, "tooluse train row 9: .*'Action_Input'.* not JSON"),
     ({"golden_answer": [{"Action": "f", "Action_Input": "[1]"}]}, "tooluse train row 9: .*not a JSON object"),
+    # a later call is checked as the first one is
+    ({"golden_answer": [{"Action": "f", "Action_Input": "{}"}, {"Action": "g", "Action_Input": "{x}"}]},
+     r"tooluse train row 9: golden_answer\[1\]\['Action_Input'\] is not JSON"),
+    ({"golden_answer": [{"Action": "f", "Action_Input": "{}"}, {"Action_Input": "{}"}]},
+     r"tooluse train row 9: golden_answer\[1\] has no 'Action'"),
+    ({"golden_answer": [{"Action": "f", "Action_Input": "{}"}, "g"]}, r"tooluse train row 9: golden_answer\[1\] is not a call"),
 ])
 def test_tooluse_row_errors(change, message):
     row = {k: v for k, v in {**TOOL_ROW, **change}.items() if v is not None}
@@ -521,11 +588,86 @@ def test_verify_tooluse_never_raises_on_deep_nesting():
     assert caopd.verify_tooluse({"action": "f", "action_input": {}}, "Action: f\nAction Input: {}") is True
 
 # ----------------------------------------------------------------------------
+# verify_tooluse_all_calls: every golden call, as the authors' eval_tooluse.py scores a row
+
+TWO = {**TOOL_CALLS[0], "calls": TOOL_CALLS}  # getForecast {city, days}, then getCurrentWeather {city}
+FORECAST = 'Action: getForecast\nAction Input: {"city": "Denver", "days": 3}'
+NOW = 'Action: getCurrentWeather\nAction Input: {"city": "Denver"}'
+
+@pytest.mark.parametrize("text, first, every", [
+    (f"Thought: a forecast.\n{FORECAST}\nObservation: ...\nThought: and now.\n{NOW}\nConfidence: 0.8", True, True),
+    (f"{NOW}\n{FORECAST}", False, True),                      # another order: the names are a multiset
+    (FORECAST, True, False),                                  # the first call alone: right for training, not here
+    (f"{FORECAST}\n{NOW}\n{NOW}", True, False),                # each call counts: one too many
+    (f"{FORECAST}\n{FORECAST}", True, False),
+    (f"{FORECAST}\n{NOW}\nAction: getAlerts\nAction Input: {{}}", True, False),
+    # merged inputs: which input goes with which call is not checked
+    ('Action: getForecast\nAction Input: {"city": "Denver"}\nAction: getCurrentWeather\nAction Input: {"days": 3}', False, True),
+    ('Action: getForecast\nAction: getCurrentWeather\nAction Input: {"days": 3, "city": "Denver"}', True, True),
+    (f"{FORECAST}\n{NOW.replace('Denver', 'Boulder')}", True, False),   # a later call's key overwrites the first's
+    (f"{FORECAST.replace('3', '2')}\n{NOW}", False, False),
+    (f'{FORECAST.replace("3", chr(34) + "3" + chr(34))}\n{NOW}', False, False),  # "3" is not 3
+    # an input that is not a JSON object is left out of the merge (the name still counts)
+    (f"{FORECAST}\nAction: getCurrentWeather\nAction Input: {{city: Denver}}", True, True),
+    (f'Action: getForecast\nAction Input: {{"city": "Denver", "days": 3,}}\n{NOW}', False, False),
+    (f"{FORECAST}\nAction: getCurrentWeather\nAction Input: {{\"city\": \"Denver\"", True, True),  # never closes
+    ('Action:  getForecast \nAction_Input:\n```json\n{"city": "Denver", "days": 3}\n```\n' + NOW, True, True),
+    ("", False, False),
+    (f"{FORECAST}\n{NOW}".replace("Action:", "action:"), False, False),  # the label is case-sensitive, as theirs
+])
+def test_verify_tooluse_all_calls(text, first, every):
+    assert caopd.verify_tooluse(TWO, text) is first
+    assert caopd.verify_tooluse_all_calls(TWO, text) is every
+
+def test_all_calls_order_matters_only_through_the_merge():
+    cities = ["Oslo", "Rome", "Cairo"]  # three calls of one action: the merged golden input is {"city": "Cairo"}
+    calls = [{"action": "getCurrentWeather", "action_input": {"city": c}} for c in cities]
+    answer = {**calls[0], "calls": calls}
+    said = lambda *order: "\n".join(f'Action: getCurrentWeather\nAction Input: {{"city": "{c}"}}' for c in order)
+    assert caopd.verify_tooluse_all_calls(answer, said("Oslo", "Rome", "Cairo"))
+    assert caopd.verify_tooluse_all_calls(answer, said("Rome", "Oslo", "Cairo"))  # the last one decides
+    assert not caopd.verify_tooluse_all_calls(answer, said("Oslo", "Cairo", "Rome"))
+    assert caopd.verify_tooluse_all_calls(answer, said("Cairo", "Cairo", "Cairo"))  # what the merge cannot see
+    assert not caopd.verify_tooluse_all_calls(answer, said("Cairo"))
+
+def test_all_calls_with_nested_and_empty_inputs_never_raises():
+    nested = {"action": "searchBooks", "action_input": WANT["action_input"], "calls": [WANT]}
+    assert caopd.verify_tooluse_all_calls(nested, 'Action: searchBooks\nAction Input: {"query": "chemistry", '
+                                                  '"filters": {"language": "fr"}, "limit": 3}')
+    empty = {"action": "f", "action_input": {}, "calls": [{"action": "f", "action_input": {}}]}
+    assert caopd.verify_tooluse_all_calls(empty, "Action: f") and caopd.verify_tooluse_all_calls(empty, "Action: f\nAction Input: {}")
+    assert caopd.verify_tooluse_all_calls(empty, "Action: f\nAction Input: " + "{" * 5000 + "}" * 5000)  # not JSON: left out
+    assert not caopd.verify_tooluse_all_calls(empty, "Action: f\nAction Input: {\"x\": 1}")
+
+def test_evaluate_reports_both_tool_use_scores(monkeypatch):
+    import train_small
+    rows = tasks.load_rows(os.path.join(HERE, "data", "tooluse", "fixture.jsonl"), "tooluse")
+    two = rows[12]  # getCurrentWeather Lisbon, then getForecast Lisbon
+    calls = two["reference"].split("\nThought: ")
+    said = [two["reference"] + "\n**Confidence:** 0.9",          # every call: right both ways
+            calls[0] + "\nConfidence: 0.6",                         # the first call only
+            "Action: getForecast\nAction Input: {}\nconfidence: 20%"]  # neither
+    monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
+    cfg = train_small.settings(init_from="unused", task="tooluse")
+    verify = lambda ex, text: caopd.verify_tooluse(ex["answer"], text)
+    m, records = train_small.evaluate(cfg, None, ENC, "caopd", [two] * 3, verify)
+    assert [r["correct"] for r in records] == [True, True, False]
+    assert [r["correct_all_calls"] for r in records] == [True, False, False]
+    assert [r["confidence"] for r in records] == [0.9, 0.6, 0.2]
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["all_calls"]["accuracy"] == pytest.approx(1 / 3)
+    a = m["all_calls"]
+    assert a["mean_confidence"] == m["mean_confidence"] == pytest.approx(1.7 / 3) and a["n"] == 3
+    assert a["brier"] == pytest.approx((0.1 ** 2 + 0.6 ** 2 + 0.2 ** 2) / 3)  # against the all-calls verdicts
+    assert m["brier"] == pytest.approx((0.1 ** 2 + 0.4 ** 2 + 0.2 ** 2) / 3)  # against the first-call ones
+    assert a["spr"] == 1.0 and a["ece"] == pytest.approx((0.1 + 0.6 + 0.2) / 3) and m["format_rate"] == 1.0
+
+# ----------------------------------------------------------------------------
 # load_task_rows
 
 SCIENCE_ROW = {"id": "x", "messages": CHAT, "answer": "B", "reference": DEMO}
 TOOL_OK = {"id": "x", "messages": [{"role": "user", "content": "q"}],
-           "answer": {"action": "f", "action_input": {}}, "reference": "Action: f\nAction Input: {}"}
+           "answer": {"action": "f", "action_input": {}, "calls": [{"action": "f", "action_input": {}}]},
+           "reference": "Action: f\nAction Input: {}"}
 
 def write(tmp_path, *lines):
     path = str(tmp_path / "rows.jsonl")
@@ -560,6 +702,12 @@ def test_load_rows_missing_and_empty(tmp_path):
     ("tooluse", json.dumps({**TOOL_OK, "answer": {"action": "f", "action_input": "{}"}}), "'answer' must be"),
     ("tooluse", json.dumps({**TOOL_OK, "answer": {"action_input": {}}}), "'answer' must be"),
     ("tooluse", json.dumps({**TOOL_OK, "answer": "f"}), "'answer' must be"),
+    ("tooluse", json.dumps({**TOOL_OK, "answer": {"action": "f", "action_input": {}}}),
+     "'answer' has no 'calls' .*delete it and run data/tooluse/prepare.py again"),  # a file from before
+    ("tooluse", json.dumps({**TOOL_OK, "answer": {**TOOL_OK["answer"], "calls": []}}), "'answer' must be"),
+    ("tooluse", json.dumps({**TOOL_OK, "answer": {**TOOL_OK["answer"], "calls": [{"action": "f"}]}}), "'answer' must be"),
+    ("tooluse", json.dumps({**TOOL_OK, "answer": {**TOOL_OK["answer"], "calls": [{"action": "g", "action_input": {}}]}}),
+     "'answer': its 'action' and 'action_input' must be its first call"),
 ])
 def test_load_rows_errors_name_file_and_line(tmp_path, task, bad, message):
     first = json.dumps(SCIENCE_ROW if task == "science" else TOOL_OK)
@@ -570,15 +718,17 @@ def test_load_rows_errors_name_file_and_line(tmp_path, task, bad, message):
 # ----------------------------------------------------------------------------
 # fixtures: small real-format files for tests that train a few steps
 
-@pytest.mark.parametrize("task, verify", [("science", caopd.verify_science), ("tooluse", caopd.verify_tooluse)])
-def test_fixture_loads_and_its_references_verify(task, verify):
+@pytest.mark.parametrize("task, verify, n", [("science", caopd.verify_science, 12), ("tooluse", caopd.verify_tooluse, 15),
+                                             ("tooluse", caopd.verify_tooluse_all_calls, 15)])
+def test_fixture_loads_and_its_references_verify(task, verify, n):
     folder = os.path.dirname(os.path.abspath((science if task == "science" else tooluse).__file__))
     rows = tasks.load_rows(os.path.join(folder, "fixture.jsonl"), task)
-    assert len(rows) == 12
+    assert len(rows) == n
     assert task == "tooluse" or all(r["messages"][0] == {"role": "system", "content": SYSTEM} for r in rows)
+    assert task == "science" or [len(r["answer"]["calls"]) for r in rows] == [1] * 12 + [2, 3, 2]
     assert all(verify(r["answer"], r["reference"]) for r in rows)
-    assert not any(verify(r["answer"], rows[(i + 1) % 12]["reference"]) for i, r in enumerate(rows)
-                   if r["answer"] != rows[(i + 1) % 12]["answer"])
+    assert not any(verify(r["answer"], rows[(i + 1) % n]["reference"]) for i, r in enumerate(rows)
+                   if r["answer"] != rows[(i + 1) % n]["answer"])
 
 # -----------------------------------------------------------------------------
 # the script: bad settings, and one end-to-end smoke run
@@ -608,6 +758,8 @@ def _main(capsys, *args):
     ("--block_size=16", "--block_size=16: shorter than the toy's longest sequence"),
     ("--threads=0", "--threads=0: must be >= 1"), ("--n_eval=0", "--n_eval=0: must be >= 1"),
     ("--log_every=0", "--log_every=0"), ("--grad_clip=0", "--grad_clip=0.0"),
+    ("--enable_thinking=maybe", "--enable_thinking='maybe': must be 'default', 'true' or 'false'"),
+    ("--enable_thinking=True", "--enable_thinking='True': must be"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, arg, words):
     code, out, err = _main(capsys, arg, f"--out_dir={tmp_path / 'out'}")
@@ -870,12 +1022,79 @@ def test_hf_model_plain_text_tooluse_and_arith(tmp_path):
     _tiny_hf(path, chat_template=None)
     fixture = os.path.join(HERE, "data", "tooluse", "fixture.jsonl")
     r = _run(f"--init_from={path}", "--task=tooluse", f"--data={fixture}", f"--eval_data={fixture}", *HF_RUN,
-             "--method=caopd", "--max_new_tokens=48", f"--out_dir={tmp_path / 'tool'}")
+             "--method=caopd", "--max_new_tokens=72", "--n_eval=15", f"--out_dir={tmp_path / 'tool'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("no chat template, prompts are plain text") == 1
+    # tool use is scored both ways: the first call (the top level, training's P_acc) and every golden call
+    assert "every golden call checked (the authors' eval_tooluse.py)" in r.stdout
+    res = json.loads((tmp_path / "tool" / "results.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "tool" / "completions.jsonl").read_text().splitlines()]
+    assert len(records) == 30 and sum(len(r["answer"]["calls"]) > 1 for r in records) == 6  # 3 rows x 2 models
+    for name in ("base", "caopd"):
+        m, mine = res["models"][name], [r for r in records if r["model"] == name]
+        assert [r["correct"] for r in mine] == [caopd.verify_tooluse(r["answer"], r["completion"]) for r in mine]
+        assert [r["correct_all_calls"] for r in mine] == [caopd.verify_tooluse_all_calls(r["answer"], r["completion"])
+                                                          for r in mine]
+        conf = [r["confidence"] or 0.0 for r in mine]
+        assert m["all_calls"] == caopd.calibration_metrics([r["correct_all_calls"] for r in mine], conf)
+        assert m["accuracy"] == caopd.calibration_metrics([r["correct"] for r in mine], conf)["accuracy"]
+        assert m["all_calls"]["n"] == 15 and m["all_calls"]["mean_confidence"] == m["mean_confidence"]
     r = _run(f"--init_from={path}", "--task=arith", *HF_RUN, "--method=opd", f"--out_dir={tmp_path / 'arith'}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "arith" / "results.json").read_text())["models"]["opd"]["n"] == 6
+    arith_res = json.loads((tmp_path / "arith" / "results.json").read_text())["models"]["opd"]
+    assert arith_res["n"] == 6 and "all_calls" not in arith_res
+
+# Qwen3's way: the generation prompt closes an empty think block when enable_thinking is false. This
+# one also opens one when it is true, so that each of the three values renders differently
+THINKING = CHATML.replace("<|im_start|>assistant\n{% endif %}",
+                          "<|im_start|>assistant\n{% if enable_thinking is defined %}{% if enable_thinking is false %}"
+                          "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}{% endif %}")
+
+def test_enable_thinking_reaches_the_template_for_student_and_teacher(tmp_path):
+    from transformers import AutoTokenizer
+    _tiny_hf(tmp_path / "thinking", chat_template=THINKING)
+    _tiny_hf(tmp_path / "chatml")
+    tok, plain = AutoTokenizer.from_pretrained(tmp_path / "thinking"), AutoTokenizer.from_pretrained(tmp_path / "chatml")
+    assert common.template_reads(tok, "enable_thinking") and not common.template_reads(plain, "enable_thinking")
+    assert not common.template_reads(ENC, "enable_thinking")  # the toy has no template
+    ex = {"messages": [{"role": "user", "content": "Which element is Na?"}]}
+    tail = {"default": "<|im_start|>assistant\n", "false": "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            "true": "<|im_start|>assistant\n<think>\n"}
+    for value, end in tail.items():
+        student = tok.decode(common.student_tokens(tok, ex, value))
+        teacher = tok.decode(common.teacher_tokens(tok, ex, "demo", "Sodium.\nConfidence: 0.9", 0.5, 0.5, value))
+        assert student == "<|im_start|>user\nWhich element is Na?<|im_end|>\n" + end
+        assert teacher.startswith("<|im_start|>user\nWhich element is Na?\nThis is an example") and teacher.endswith(
+            "Now answer with a response of your own.\n<|im_end|>\n" + end)
+        # a template that never reads it renders the same whatever the value
+        assert plain.decode(common.student_tokens(plain, ex, value)) == student.replace(end, tail["default"])
+
+def test_enable_thinking_in_a_run_and_ignored_once_where_unused(tmp_path, monkeypatch, capsys):
+    import train_small
+    _tiny_hf(tmp_path / "thinking", chat_template=THINKING)
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    seen = []  # every prompt of the run: rollouts, student and teacher forward passes, evaluation
+    sample, hidden = caopd.sample, caopd.completion_hidden
+    monkeypatch.setattr(caopd, "sample", lambda model, prompts, *a, **k: seen.extend(prompts) or sample(model, prompts, *a, **k))
+    monkeypatch.setattr(caopd, "completion_hidden", lambda model, prompts, c: seen.extend(prompts) or hidden(model, prompts, c))
+    train_small.main([f"--init_from={tmp_path / 'thinking'}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
+                      *HF_RUN, "--steps=1", "--n_eval=2", "--method=caopd", "--teacher_context=correct_solution",
+                      "--enable_thinking=false", f"--out_dir={tmp_path / 'out'}"])
+    assert "ignored" not in capsys.readouterr().out
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "thinking")
+    texts = [tok.decode(p) for p in seen]
+    assert len(texts) == 4 * 2 * 3 + 2 * 2  # one step of 4 prompts x K = 2: rollouts, student, teacher; then
+                                            # 2 held-out questions x 2 models
+    assert all(t.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") for t in texts)
+    assert sum("Correct solution:" in t for t in texts) == 8  # the teacher's prompts too
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["enable_thinking"] == "false"
+    # a template that never reads it: said once, and the run goes on
+    _tiny_hf(tmp_path / "chatml")
+    r = _run(f"--init_from={tmp_path / 'chatml'}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
+             *HF_RUN, "--steps=1", "--n_eval=2", "--method=opd", "--enable_thinking=true", f"--out_dir={tmp_path / 'b'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("--enable_thinking='true' ignored: its chat template never reads it\n") == 1
 
 def test_hf_sampler_matches_a_full_forward_with_left_padding(tiny_hf):
     from transformers import AutoModelForCausalLM

@@ -50,14 +50,14 @@ def base_batch_rows(cfg, tok, rng, sample_train):
     for ex in sample_train(rng, cfg.base_batch):
         answer, way, soft = ex["reference"], None, None
         if rng.random() < 2 / 3:
-            prompt, target = student_tokens(tok, ex), -1.0
+            prompt, target = student_tokens(tok, ex, cfg.enable_thinking), -1.0
             while not 0.0 <= target <= 1.0:  # a truncated normal: clipping would pile mass on 0.0 and 1.0
                 target = rng.gauss(0.6, 0.3)
         else:
             way = rng.randrange(3)
             target = soft = shown = 1.0 if way == 0 else round(rng.random(), places)
             prompt = teacher_tokens(tok, ex, rng.choice(list(caopd.TEMPLATES)), ex["reference"], shown,
-                                    shown if way == 2 else None)
+                                    shown if way == 2 else None, cfg.enable_thinking)
         skip = 0
         if way == 2 and rng.random() < 0.5:  # a near miss: one digit off
             answer = f"Answer: {(ex['answer'] + rng.choice((-1, 1)) * 10 ** rng.randrange(4)) % 10000:04d}"

@@ -52,6 +52,10 @@ data = ""                  # science / tooluse: training JSONL ("" = data/<task>
 eval_data = ""             # science / tooluse: held-out JSONL ("" = data/<task>/eval.jsonl)
 data_seed = 0              # arith: fixes the held-out questions, so every run is scored on the same ones
 n_eval = 1000              # held-out questions (science / tooluse: the first n_eval of eval_data)
+enable_thinking = "default"  # a Hugging Face chat template's enable_thinking, for student and teacher prompts
+                           # alike: "default" (the template's own: Qwen3 thinks), "true" or "false" (Qwen3: an
+                           # empty <think></think>, no thinking). A template that never reads it ignores it, and
+                           # the run says so
 # model (the toy GPT, trained from scratch in stage 0)
 n_layer = 4                # transformer blocks
 n_head = 4                 # attention heads per block
@@ -125,6 +129,7 @@ def check_settings(cfg):
          "needs a pretrained model: add --init_from=<Hugging Face model id or directory>"),
         (c.task == "arith" or c.base_steps == 0, "base_steps", "stage 0 is the toy curriculum: --task=arith only"),
         (c.teacher_context in caopd.TEMPLATES, "teacher_context", f"must be one of {list(caopd.TEMPLATES)}"),
+        (c.enable_thinking in ("default", "true", "false"), "enable_thinking", "must be 'default', 'true' or 'false'"),
         (c.loss in ("reverse", "forward", "jsd"), "loss", "must be 'reverse', 'forward' or 'jsd'"),
         (0 <= c.jsd_beta <= 1, "jsd_beta", "must be in [0, 1]"),
         (c.K >= 1, "K", "must be >= 1"),
@@ -171,7 +176,8 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
     # 1. K rollouts per prompt, all in one batched call (or micro_batch rows at a time). Its random numbers come from
     # a generator seeded by s: the same rollouts after a resume, and for any number of processes or
     # micro-batches (each chunk draws the uniforms of the whole batch and keeps its rows')
-    prompts = [p for p in (student_tokens(tok, ex) for ex in exs) for _ in range(K)]  # each question rendered once
+    rendered = [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs]  # each question rendered once
+    prompts = [p for p in rendered for _ in range(K)]
     rollouts, mb = [], cfg.micro_batch or len(prompts)
     for a in range(0, len(prompts), mb):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -196,11 +202,11 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
                 text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], places)
                 # re-encoded: the body keeps at most the rollout's own budget of tokens (a rollout of
                 # stray bytes decodes to U+FFFD, 3 bytes each, and would come back 3x longer)
-                body, value = text.rsplit("Confidence:", 1)
-                tokens = common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, "Confidence:" + value) + [end]
+                body, line = caopd.split_confidence(text)  # line: the new "Confidence: P_acc", the only label left
+                tokens = common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, line) + [end]
             completions.append(tokens)
         # one teacher prompt per question: the K rollouts share solution, shown confidence and Note
-        teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note)] * K
+        teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note, cfg.enable_thinking)] * K
     return prompts, completions, teacher_prompts, texts, correct, p_acc
 
 def kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, estimator=None):
@@ -318,15 +324,19 @@ def evaluate(cfg, model, tok, name, held, verify):
     for i in tqdm(range(0, len(held), cfg.eval_batch), desc=f"eval {name}", leave=False, disable=RANK != 0):
         exs = held[i:i + cfg.eval_batch]
         with common.autocast(cfg):
-            completions = caopd.sample(model, [student_tokens(tok, ex) for ex in exs], cfg.max_new_tokens,
+            completions = caopd.sample(model, [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs],
+                                       cfg.max_new_tokens,
                                        common.end_id(tok), temperature=0)
         for ex, r in zip(exs, completions):
             text = decode(tok, r)
             records.append({"model": name, "id": ex["id"], "answer": ex["answer"], "completion": text,
                             "correct": verify(ex, text), "confidence": caopd.parse_confidence(text)})
+            if cfg.task == "tooluse":  # also every golden call, as the authors' eval_tooluse.py scores it
+                records[-1]["correct_all_calls"] = caopd.verify_tooluse_all_calls(ex["answer"], text)
             if "kind" in ex:
                 records[-1]["kind"] = ex["kind"]
-    metrics = caopd.calibration_metrics([r["correct"] for r in records], [r["confidence"] or 0.0 for r in records])
+    stated = [r["confidence"] or 0.0 for r in records]
+    metrics = caopd.calibration_metrics([r["correct"] for r in records], stated)
     metrics["format_rate"] = sum(r["confidence"] is not None for r in records) / len(records)
     raw = [caopd.parse_confidence(r["completion"], clip=False) for r in records]
     metrics["clipped_rate"] = sum(c is not None and not 0 <= c <= 1 for c in raw) / len(records)  # stated outside [0, 1]
@@ -336,14 +346,23 @@ def evaluate(cfg, model, tok, name, held, verify):
     if not metrics["format_ok"]:
         tqdm.write(f"warning: {name}: only {metrics['format_rate']:.0%} of its answers state a confidence (format rate "
                    f"< 0.5): its ECE and the other calibration metrics are not meaningful")
+    if cfg.task == "tooluse":  # the same stated confidences against the all-calls verdicts
+        metrics["all_calls"] = caopd.calibration_metrics([r["correct_all_calls"] for r in records], stated)
     return metrics, records
 
 def report(results):
-    """The table, and two right and two wrong answers of each model."""
-    print(f"\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} {'format':>6s}")
-    for name, (m, _) in results.items():
-        print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
-              f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {m['format_rate']:6.3f}")
+    """The table (tool use: a second one, every golden call checked), and two right and two wrong
+    answers of each model."""
+    tables = [("", None)]  # (title, key of the metrics it shows: None = the top level)
+    if any("all_calls" in m for m, _ in results.values()):
+        tables.append(("\nevery golden call checked (the authors' eval_tooluse.py); above, the first call (training's P_acc)",
+                       "all_calls"))
+    for title, key in tables:
+        print(f"{title}\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} {'format':>6s}")
+        for name, (metrics, _) in results.items():
+            m = metrics[key] if key else metrics
+            print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
+                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {metrics['format_rate']:6.3f}")
     for name, (_, records) in results.items():
         right = [r for r in records if r["correct"]][:2]
         wrong = [r for r in records if not r["correct"]][:2]
@@ -383,7 +402,7 @@ def check_lengths(cfg, tok, held, context):
                    f"answer to held-out question {need[1]} (answer, 'Confidence:' line, end token) takes {need[0]} tokens")
     if cfg.init_from == "scratch":
         ex = held[0]  # the toy's questions of one mix have one length
-        prompt = max(len(teacher_tokens(tok, ex, c, ex["reference"], 1.0, 1.0)) for c in caopd.TEMPLATES)
+        prompt = max(len(teacher_tokens(tok, ex, c, ex["reference"], 1.0, 1.0, cfg.enable_thinking)) for c in caopd.TEMPLATES)
         longest = prompt + cfg.max_new_tokens + conf  # a CaOPD completion: the rollout's body + its new confidence line
         if longest > context:
             common.die(f"--block_size={cfg.block_size}: shorter than the toy's longest sequence, {longest} tokens "
@@ -411,6 +430,9 @@ def main(argv):
     base, tok, context, files_dtype = common.load_model(cfg)
     if cfg.export_dtype == "auto":
         cfg.export_dtype = files_dtype
+    if cfg.enable_thinking != "default" and not common.template_reads(tok, "enable_thinking"):
+        why = "the toy has no chat template" if cfg.init_from == "scratch" else "its chat template never reads it"
+        print(f"--enable_thinking={cfg.enable_thinking!r} ignored: {why}")
     held, sample_train, verify = common.load_task(cfg, tok, files, context)
     check_lengths(cfg, tok, held, context)
     common.take_out_dir(cfg.out_dir)

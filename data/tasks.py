@@ -4,9 +4,11 @@ data/tooluse/prepare.py; data/*/fixture.jsonl are small hand-made examples), one
 
   {"id": str, "messages": [{"role": "system"|"user", "content": str}, ...], "answer": ..., "reference": str}
 
-answer: science, the option letter ("C"); tool use, {"action": name, "action_input": {...}} (the
-first golden call). reference: the demonstration the `demo` teacher is shown. Every problem with
-a file is a ValueError naming file and line; train_small.py prints it as one line.
+answer: science, the option letter ("C"); tool use, {"action": name, "action_input": {...}, "calls":
+[{"action": name, "action_input": {...}}, ...]}: the first golden call (what training checks), and
+every golden call in order, the first one among them (what evaluation also checks).
+reference: the demonstration the `demo` teacher is shown. Every problem with a file is a
+ValueError naming file and line; train_small.py prints it as one line.
 """
 import json
 import os
@@ -34,9 +36,17 @@ def row_problem(row, task):
     a = row["answer"]
     if task == "science" and not (isinstance(a, str) and len(a) == 1 and "A" <= a <= "Z"):
         return "'answer' must be one uppercase letter"
-    if task == "tooluse" and not (isinstance(a, dict) and isinstance(a.get("action"), str) and a["action"]
-                                  and isinstance(a.get("action_input"), dict)):
-        return "'answer' must be {'action': non-empty str, 'action_input': dict}"
+    if task == "tooluse":
+        call = lambda c: isinstance(c, dict) and isinstance(c.get("action"), str) and c["action"] \
+            and isinstance(c.get("action_input"), dict)
+        if isinstance(a, dict) and call(a) and "calls" not in a:
+            return ("'answer' has no 'calls' (a file written before every golden call was kept: delete it and run "
+                    "data/tooluse/prepare.py again)")
+        if not (isinstance(a, dict) and call(a) and isinstance(a["calls"], list) and a["calls"]
+                and all(call(c) and set(c) == {"action", "action_input"} for c in a["calls"])):
+            return "'answer' must be {'action': non-empty str, 'action_input': dict, 'calls': a non-empty list of such calls}"
+        if a["calls"][0] != {"action": a["action"], "action_input": a["action_input"]}:
+            return "'answer': its 'action' and 'action_input' must be its first call, 'calls'[0]"
     if not isinstance(row["reference"], str):
         return "'reference' must be a string"
     return None
