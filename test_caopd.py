@@ -372,7 +372,7 @@ def test_caopd_rollout_with_a_markdown_label_is_reencoded_with_one_confidence_li
     monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
     verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
     _, completions, teacher_prompts, texts, correct, p_acc = train_small.rollout_batch(
-        cfg, None, ENC, "caopd", [ex], verify, 0, None)
+        cfg, None, ENC, "caopd", [ex], verify, 0, (0, 2))
     assert texts == said and correct == [True, False] and p_acc == [0.5]
     assert [ENC.decode(c[:-1]) for c in completions] == ["Answer: 0322\nConfidence: 0.5", "Answer: 0321\nConfidence: 0.5"]
     assert all(c[-1] == ENC.eot_token and ENC.decode(c[-2:-1]) == " 0.5" for c in completions)  # one value token

@@ -385,7 +385,13 @@ def resume_settings(given):
     if differ:
         common.die(f"--init_from=resume continues the run in {path} with its own settings, and these differ: "
                    f"{', '.join(differ)}; drop them, or start a new run in another --out_dir")
-    cfg = SimpleNamespace(**{**ck["config"], **{k: v for k, v in given.items() if k in RESUME_FREE[1:]}})
+    saved = {k: v for k, v in ck["config"].items() if k in SETTINGS}  # a checkpoint of older code: its settings
+    missing, dropped = sorted(set(SETTINGS) - set(saved)), sorted(set(ck["config"]) - set(SETTINGS))
+    if missing or dropped:
+        print(f"note: {path} was written by another version: {', '.join(missing) or 'no setting'} take their defaults, "
+              f"{', '.join(dropped) or 'none'} no longer exist")
+    cfg = SimpleNamespace(**{**{k: v[0] for k, v in SETTINGS.items()}, **saved,
+                             **{k: v for k, v in given.items() if k in RESUME_FREE[1:]}})
     check_settings(cfg)
     return cfg, ck
 
