@@ -309,9 +309,14 @@ def set_grad_checkpoint(model, on):
     """Gradient checkpointing on or off: per block for our GPT, the model's own for Hugging Face's."""
     if isinstance(model, caopd.GPT):
         model.grad_checkpoint = on
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
     elif on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    else:
         model.gradient_checkpointing_disable()
 
 # -----------------------------------------------------------------------------
