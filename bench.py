@@ -24,6 +24,7 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
     python bench.py                 # everything: about 9 minutes (one busy core, peak ~4 GB RAM)
     python bench.py --quick         # first two loss shapes, short sampler config: about 2 minutes
     python bench.py --out=bench.json
+    python bench.py --precision     # what bfloat16 weights lose under AdamW at real learning rates: ~1 minute
     python bench.py --memory        # a step's peak memory against prompts per step, micro-batches: ~5 minutes
     python bench.py --real          # Qwen3-0.6B's shapes on the CPU, and what fits on a GPU: ~25 minutes
     python bench.py --gpu           # on a CUDA GPU: the paper's settings at Qwen3-0.6B's shapes
@@ -410,15 +411,18 @@ def bench_memory():
     with tempfile.TemporaryDirectory() as tmp:
         make_hf(tmp, LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048))
-        for mb in (0, 16):
+        for mb, rb in ((0, 0), (16, 0), (16, 16)):
             for prompts in (2, 8):
-                s = {"prompts_per_step": prompts, "K": 8, "max_new_tokens": 64, "steps": 2, "micro_batch": mb}
+                s = {"prompts_per_step": prompts, "K": 8, "max_new_tokens": 64, "steps": 2, "micro_batch": mb,
+                     "rollout_batch": rb}
                 sec, peak = train_small_step(tmp, s, threads=1)
-                rows.append({"micro_batch": mb, "prompts": prompts, "peak_mib": peak, "s_per_step": sec})
-                print(f"  micro_batch={mb} prompts={prompts} x K=8: peak {peak:.0f} MiB, {sec:.1f} s/step", flush=True)
-    for mb in (0, 16):
-        a, b = (r["peak_mib"] for r in rows if r["micro_batch"] == mb)
-        rows.append({"micro_batch": mb, "ratio_8_over_2": b / a})
+                rows.append({"micro_batch": mb, "rollout_batch": rb, "prompts": prompts, "peak_mib": peak, "s_per_step": sec})
+                print(f"  micro_batch={mb} rollout_batch={rb} prompts={prompts} x K=8: peak {peak:.0f} MiB, "
+                      f"{sec:.1f} s/step", flush=True)
+    for mb, rb in ((0, 0), (16, 0), (16, 16)):
+        a, b = (r["peak_mib"] for r in rows if (r["micro_batch"], r["rollout_batch"]) == (mb, rb))
+        rows.append({"micro_batch": mb, "rollout_batch": rb, "ratio_8_over_2": b / a})
+        print(f"  micro_batch={mb} rollout_batch={rb}: 8 prompts / 2 prompts = {b / a:.2f}x", flush=True)
     return rows
 
 def bench_real(threads):
@@ -435,7 +439,8 @@ def bench_real(threads):
         params = make_hf(tmp, qwen3_config("0.6B"), dtype=torch.bfloat16)
         print(f"  Qwen3-0.6B-shaped model: {params / 1e6:.0f}M parameters", flush=True)
         for dtype, mb, ckpt, prompts in runs:
-            s = {**base, "dtype": dtype, "micro_batch": mb, "grad_checkpoint": ckpt, "prompts_per_step": prompts}
+            s = {**base, "dtype": dtype, "micro_batch": mb, "rollout_batch": mb, "grad_checkpoint": ckpt,
+                 "prompts_per_step": prompts}  # rollouts in the same chunks: the most memory-bound setting
             sec, peak = train_small_step(tmp, s, threads)
             rows.append({**s, "sequences": prompts * s["K"], "peak_mib": peak, "s_per_step": sec})
             print(f"  {dtype} micro_batch={mb} grad_checkpoint={ckpt} sequences={rows[-1]['sequences']}: "
@@ -477,6 +482,44 @@ def bench_prompt_cache(model_dir, threads, questions=2, K=4, prompt=192, new=32,
     print(f"  prompt cache, {questions} questions x K={K}, prompts ~{prompt} tokens, completions ~{new}: "
           + ", ".join(f"{k} {r[k]:.2f} s" for k in times), flush=True)
     return r
+
+def bench_precision(steps=3):
+    """Why the weights stay float32: a small Llama (width 256, 4 layers) built from a config, `steps`
+    AdamW steps on the same random batches, its weights float32 (autocast for the compute, as
+    train_small.py does) or bfloat16 (what loading a model in bfloat16 and training it in place does).
+    Per learning rate: the share of weights that changed at all, and the total movement sum |w - w0|
+    against float32's."""
+    from transformers import LlamaConfig, AutoModelForCausalLM
+    torch.set_num_threads(1)
+    config = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    g = torch.Generator().manual_seed(SEED)
+    batches = [torch.randint(0, 2000, (8, 64), generator=g) for _ in range(steps)]
+    rows = []
+    for lr in (1e-6, 2e-5):
+        moved = {}
+        for weights in ("float32", "bfloat16"):
+            torch.manual_seed(SEED)
+            model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).float()  # start: bfloat16 values
+            model = model.to(getattr(torch, weights))
+            start = [p.detach().float().clone() for p in model.parameters()]
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+            for x in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=x, labels=x).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            changed = sum((p.detach().float() != s).sum().item() for p, s in zip(model.parameters(), start))
+            total = sum(s.numel() for s in start)
+            movement = sum((p.detach().float() - s).abs().sum().item() for p, s in zip(model.parameters(), start))
+            moved[weights] = (changed / total, movement)
+        rows.append({"lr": lr, "changed_float32": moved["float32"][0], "changed_bfloat16": moved["bfloat16"][0],
+                     "movement_bfloat16_over_float32": moved["bfloat16"][1] / moved["float32"][1]})
+        print(f"  lr {lr:g}, {steps} AdamW steps: weights changed {moved['float32'][0]:.1%} with float32 weights, "
+              f"{moved['bfloat16'][0]:.1%} with bfloat16 weights; bfloat16's total movement "
+              f"{rows[-1]['movement_bfloat16_over_float32']:.0%} of float32's", flush=True)
+    return rows
 
 def bench_gpu(tiny=False):
     """Where CUDA is present: Qwen3-0.6B's shapes at the paper's settings (8 prompts x K = 8
@@ -556,7 +599,7 @@ def fits_table(real):
     bfloat16 teacher: exact arithmetic) + activations of one micro-batch (measured: Qwen3-0.6B's
     extra memory per sequence token under bfloat16 autocast, from 8 and 16 sequences at once on the
     CPU, scaled to other sizes by hidden size x layers) + the rollouts' bfloat16 KV cache (exact
-    arithmetic: layers x 2 x 8 KV heads x 128 x 2 bytes per token) + the fused loss's float32
+    arithmetic: layers x 2 x 8 KV heads x 128 x 2 bytes per token of rollout_batch rows) + the fused loss's float32
     gradient of the output layer (V x d x 4 bytes) and its buffers (~100 MB)."""
     rows = {(r["grad_checkpoint"], r["sequences"]): r for r in real["rows"]
             if r["dtype"] == "bfloat16" and r["micro_batch"] == 0}
@@ -567,10 +610,10 @@ def fits_table(real):
     seq, rows_out = 300 + 1024, []  # a ~300-token prompt and 1,024 new tokens
     for name, (P, d, layers) in sizes.items():
         scale = d * layers / (1024 * 28)
-        for mb, ck in ((64, False), (16, False), (16, True), (4, True)):
-            gib = (18 * P + per_token[ck] * scale * mb * seq + layers * 2 * 8 * 128 * 2 * mb * seq
+        for mb, ck, rb in ((64, False, 64), (16, False, 64), (16, True, 64), (4, True, 16)):
+            gib = (18 * P + per_token[ck] * scale * mb * seq + layers * 2 * 8 * 128 * 2 * rb * seq
                    + 151936 * d * 4 + 100e6) / 2**30
-            rows_out.append({"model": name, "micro_batch": mb, "grad_checkpoint": ck, "gib": gib,
+            rows_out.append({"model": name, "micro_batch": mb, "grad_checkpoint": ck, "rollout_batch": rb, "gib": gib,
                              **{f"fits_{g}": gib < g * 0.93 for g in (24, 80, 141)}})  # ~7% for CUDA's own
     return {"bytes_per_token_0.6B": per_token, "rows": rows_out}
 
@@ -647,6 +690,9 @@ def main_real_models(args):
     """--memory, --real, --gpu: the real-model measurements, each as asked."""
     t0, report = time.time(), {"machine": machine_info()}
     report["machine"]["threads"] = args.threads
+    if args.precision:
+        print("float32 against bfloat16 weights under AdamW (1 thread):", flush=True)
+        report["precision"] = bench_precision()
     if args.memory:
         print("memory of a step, a Llama of width 512 and 8 layers (1 thread):", flush=True)
         report["memory"] = bench_memory()
@@ -666,7 +712,8 @@ def main_real_models(args):
     print(f"took {report['elapsed_s']:.0f} s; wrote {args.out}")
 
 def markdown_real(real, fits):
-    L = ["| compute | micro_batch | grad_checkpoint | sequences | peak RSS (GiB) | s / step |", "|---|---:|---|---:|---:|---:|"]
+    L = ["| compute | micro_batch = rollout_batch | grad_checkpoint | sequences | peak RSS (GiB) | s / step |",
+         "|---|---:|---|---:|---:|---:|"]
     for r in real["rows"]:
         L.append(f"| {r['dtype']} | {r['micro_batch']} | {r['grad_checkpoint']} | {r['sequences']} | "
                  f"{r['peak_mib'] / 1024:.1f} | {r['s_per_step']:.1f} |")
@@ -677,14 +724,15 @@ def markdown_real(real, fits):
     b = fits["bytes_per_token_0.6B"]
     L += ["", f"Measured at 0.6B: {b[False] / 2**10:.0f} KiB per token of a micro-batch, {b[True] / 2**10:.0f} KiB with "
           "gradient checkpointing (bfloat16 autocast).", "",
-          "| model | micro_batch | grad_checkpoint | GiB | 24 GB | 80 GB | 141 GB |", "|---|---:|---|---:|---|---|---|"]
+          "| model | micro_batch | grad_checkpoint | rollout_batch | GiB | 24 GB | 80 GB | 141 GB |",
+          "|---|---:|---|---:|---:|---|---|---|"]
     for r in fits["rows"]:
-        L.append(f"| {r['model']} | {r['micro_batch']} | {r['grad_checkpoint']} | {r['gib']:.0f} | "
+        L.append(f"| {r['model']} | {r['micro_batch']} | {r['grad_checkpoint']} | {r['rollout_batch']} | {r['gib']:.0f} | "
                  + " | ".join("yes" if r[f"fits_{g}"] else "no" for g in (24, 80, 141)) + " |")
     return "\n".join(L)
 
 def main(args):
-    if args.memory or args.real or args.gpu:
+    if args.precision or args.memory or args.real or args.gpu:
         return main_real_models(args)
     t0 = time.time()
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -716,6 +764,8 @@ def main(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="first two loss shapes, short sampler config")
+    p.add_argument("--precision", action="store_true", help="share of weights AdamW moves at real learning rates, "
+                   "float32 against bfloat16 weights: ~1 minute")
     p.add_argument("--memory", action="store_true", help="peak memory of a step against prompts per step (a Llama, "
                    "width 512, 8 layers), with and without micro-batches: ~5 minutes")
     p.add_argument("--real", action="store_true", help="Qwen3-0.6B's shapes through train_small.py on the CPU: "

@@ -1217,13 +1217,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf, exact_rmsnorm):
     for a, b in zip(checked[1], plain[1]):  # HF under checkpointing runs whole sequences, not the prompt cache
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
-def test_rollouts_in_micro_batches_are_the_same_rollouts():
+def test_rollouts_in_several_calls_are_the_same_rollouts():
     import train_small
     model, tok = _tiny_model().double(), ENC
     held, sample_train = arith.split(0, 10)
     exs = held[:5]
     verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
-    runs = [train_small.rollout_batch(train_small.settings(micro_batch=mb, temperature=1.0), model, tok, "caopd", exs,
+    runs = [train_small.rollout_batch(train_small.settings(rollout_batch=mb, temperature=1.0), model, tok, "caopd", exs,
                                       verify, 7, (0, 40)) for mb in (0, 3, 8)]
     for r in runs[1:]:
         assert r[1] == runs[0][1] and r[3] == runs[0][3]  # completions, texts
@@ -1274,7 +1274,7 @@ def test_fused_loss_under_bfloat16_autocast_matches_plain_autograd():
         assert (a.double() - b).norm() / b.norm() < 3e-2
 
 def test_bad_real_model_settings(tmp_path, capsys, monkeypatch):
-    for arg, words in (("--micro_batch=-1", "--micro_batch=-1: must be >= 0"),
+    for arg, words in (("--micro_batch=-1", "--micro_batch=-1: must be >= 0"), ("--rollout_batch=-2", "--rollout_batch=-2"),
                        ("--dtype=float16", "--dtype='float16': must be 'auto', 'float32' or 'bfloat16'"),
                        ("--export_dtype=int8", "--export_dtype='int8'")):
         code, _, err = _main(capsys, arg, f"--out_dir={tmp_path / 'out'}")

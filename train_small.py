@@ -97,8 +97,10 @@ grad_clip = 1.0            # gradient norm clip
 device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
 dtype = "auto"             # compute precision: "auto" (bfloat16 autocast on a GPU that has it, else float32),
                            # "float32" or "bfloat16". Weights, gradients, optimizer and an EMA teacher stay float32
-micro_batch = 0            # sequences per forward/backward pass (rollouts, teacher, student); 0 = all of a step.
-                           # The step's loss and gradient are the same; peak memory follows micro_batch instead
+micro_batch = 0            # sequences per forward/backward pass (student, and the teacher's forward); 0 = all of
+                           # a step. The step's loss and gradient are the same; activation memory follows micro_batch
+rollout_batch = 0          # rollouts per sampling call; 0 = all of a step. Their KV cache follows it; fewer, larger
+                           # calls are faster (each decoding step reads the weights once per call)
 grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
 log_every = 25             # steps between printed lines
@@ -155,6 +157,7 @@ def check_settings(cfg):
         (c.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be 'auto', 'float32' or 'bfloat16'"),
         (c.export_dtype in ("auto", "float32", "bfloat16"), "export_dtype", "must be 'auto', 'float32' or 'bfloat16'"),
         (c.micro_batch >= 0, "micro_batch", "must be >= 0 (0 = every sequence of a step at once)"),
+        (c.rollout_batch >= 0, "rollout_batch", "must be >= 0 (0 = every rollout of a step at once)"),
         (c.prompts_per_step % WORLD == 0, "prompts_per_step", f"must be divisible by the {WORLD} processes"),
     ], cfg)
 
@@ -173,12 +176,12 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
     verdicts and P_acc, then the training completions and the teacher's prompts.
     Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc)."""
     K, places, end = cfg.K, common.decimals(tok), common.end_id(tok)
-    # 1. K rollouts per prompt, all in one batched call (or micro_batch rows at a time). Its random numbers come from
-    # a generator seeded by s: the same rollouts after a resume, and for any number of processes or
-    # micro-batches (each chunk draws the uniforms of the whole batch and keeps its rows')
+    # 1. K rollouts per prompt, all in one batched call (or rollout_batch rows at a time). Its random numbers come
+    # from a generator seeded by s: the same rollouts after a resume, and for any number of processes or
+    # calls (each call draws the uniforms of the whole batch and keeps its rows')
     rendered = [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs]  # each question rendered once
     prompts = [p for p in rendered for _ in range(K)]
-    rollouts, mb = [], cfg.micro_batch or len(prompts)
+    rollouts, mb = [], cfg.rollout_batch or len(prompts)
     for a in range(0, len(prompts), mb):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         with common.autocast(cfg):
