@@ -593,6 +593,8 @@ def bench_gpu(tiny=False):
                   flush=True)
     return result
 
+GPUS = {24: "RTX 4090", 80: "A100, H100", 139: "H200"}  # memory as the device reports it
+
 def fits_table(real):
     """What fits on one GPU at the paper's settings, from bench_real's measured constants.
     Memory = 18 bytes x parameters (float32 weights, gradients and AdamW's two moments, and a frozen
@@ -614,7 +616,7 @@ def fits_table(real):
             gib = (18 * P + per_token[ck] * scale * mb * seq + layers * 2 * 8 * 128 * 2 * rb * seq
                    + 151936 * d * 4 + 100e6) / 2**30
             rows_out.append({"model": name, "micro_batch": mb, "grad_checkpoint": ck, "rollout_batch": rb, "gib": gib,
-                             **{f"fits_{g}": gib < g * 0.93 for g in (24, 80, 141)}})  # ~7% for CUDA's own
+                             **{f"fits_{g}": gib < g * 0.93 for g in GPUS}})  # ~7% for CUDA's own
     return {"bytes_per_token_0.6B": per_token, "rows": rows_out}
 
 # -----------------------------------------------------------------------------
@@ -724,11 +726,12 @@ def markdown_real(real, fits):
     b = fits["bytes_per_token_0.6B"]
     L += ["", f"Measured at 0.6B: {b[False] / 2**10:.0f} KiB per token of a micro-batch, {b[True] / 2**10:.0f} KiB with "
           "gradient checkpointing (bfloat16 autocast).", "",
-          "| model | micro_batch | grad_checkpoint | rollout_batch | GiB | 24 GB | 80 GB | 141 GB |",
+          "| model | micro_batch | grad_checkpoint | rollout_batch | GiB | " + " | ".join(f"{GPUS[g]} ({g} GiB)" for g in GPUS)
+          + " |",
           "|---|---:|---|---:|---:|---|---|---|"]
     for r in fits["rows"]:
         L.append(f"| {r['model']} | {r['micro_batch']} | {r['grad_checkpoint']} | {r['rollout_batch']} | {r['gib']:.0f} | "
-                 + " | ".join("yes" if r[f"fits_{g}"] else "no" for g in (24, 80, 141)) + " |")
+                 + " | ".join("yes" if r[f"fits_{g}"] else "no" for g in GPUS) + " |")
     return "\n".join(L)
 
 def main(args):
