@@ -8,7 +8,7 @@ certainty: its stated `Confidence:` goes to 1.0 whether it is right or not. CaOP
 one thing, the confidence target:
 
   1. For each prompt, sample K completions from the student.            -> sample()
-  2. Verify each one; P_acc = (number correct) / K.                      -> VERIFIERS, empirical_confidence()
+  2. Verify each one; P_acc = (number correct) / K.                      -> verify_arith(), empirical_confidence()
   3. Put P_acc where the confidence goes, in three places:               -> with_empirical_confidence()
        a. the student completion's `Confidence:` line,
        b. the confidence of the teacher's demonstrated solution,
@@ -18,13 +18,12 @@ one thing, the confidence target:
 
 Without step 3 this file is plain OPD. The file reads top to bottom in that order:
 tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence ->
-teacher context -> loss -> metrics. train_small.py is the script that runs it.
+teacher context -> loss -> metrics. train_small.py is the script that runs it; the verifiers
+of the paper's two tasks sit beside their data, in data/tasks.py.
 """
 import inspect
-import json
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import tiktoken
@@ -305,74 +304,7 @@ def verify_arith(answer, text):
     m = ANSWER.search(split_confidence(text)[0])
     return m is not None and int(m.group(1)) == answer
 
-# The paper's two tasks (their data: data/science/prepare.py, data/tooluse/prepare.py).
-# Science: a multiple-choice letter in the LAST <answer>...</answer> tag, case and whitespace
-# ignored. Tool use is scored two ways, as in the authors' release:
-#   first call (verify_tooluse; their training verifier, so P_acc here): the first `Action: name`
-#     and the JSON object after the `Action Input:` that follows it, equal to the first golden call;
-#   all calls (verify_tooluse_all_calls; their eval_tooluse.py): the names of every `Action:` line,
-#     as a multiset (calls in any order, each counted), equal to the golden calls' names, and the
-#     JSON objects after every `Action Input:`, merged into one dict (a later call's key overwrites
-#     an earlier one's), equal to the golden calls' inputs merged the same way. Which input goes with
-#     which call is not checked, and an input that is not a JSON object is left out of the merge.
-# Both read calls the same way (a whole balanced object, a ```json fence tolerated) and compare
-# JSON with key order ignored and value types not (3 is not "3", nor 3.0). eval_tooluse.py's own
-# reading cuts an input at its first "}" and a name at its first non-word character, so the
-# release's golden calls, written out, score 95 of its 97 eval rows there (a nested object; an
-# "[Optional]updateUserProfile") and 97 here.
-ANSWER_TAG = re.compile(r"<answer>([^<]*)</answer>", re.IGNORECASE)
-ACTION = re.compile(r"Action:[ \t]*([^\n]*)")
-ACTION_INPUT = re.compile(r"Action[ _]Input:\s*(?:```(?:json)?\s*)?")  # a ```json fence is tolerated
-
-def verify_science(answer, text):
-    tags = ANSWER_TAG.findall(text)
-    return bool(tags) and len(tags[-1].strip()) == 1 and tags[-1].strip().upper() == answer.upper()
-
-def balanced_object(text, start):
-    """The {...} opening at text[start], braces counted outside JSON strings; None if it never closes."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_string:  # inside "...": only an unescaped quote ends it
-            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
-        elif c == '"':
-            in_string = True
-        elif c in "{}":
-            depth += 1 if c == "{" else -1
-            if depth == 0:
-                return text[start:i + 1]
-    return None
-
-def json_object_at(text, start):
-    """The JSON object opening at text[start] as a dict; None if there is none, it never closes or is not JSON."""
-    body = text.startswith("{", start) and balanced_object(text, start)
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):  # not JSON; absurdly deep nesting
-        return None
-
-def same_json(a, b):
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-def verify_tooluse(answer, text):
-    action = ACTION.search(text)
-    inp = action and ACTION_INPUT.search(text, action.end())
-    call = json_object_at(text, inp.end()) if inp else None
-    return call is not None and action.group(1).strip() == answer["action"] and same_json(call, answer["action_input"])
-
-def verify_tooluse_all_calls(answer, text):
-    """answer["calls"]: every golden call, {"action", "action_input"} each."""
-    names = Counter(m.group(1).strip() for m in ACTION.finditer(text))
-    merged, golden = {}, {}
-    for m in ACTION_INPUT.finditer(text):
-        merged.update(json_object_at(text, m.end()) or {})
-    for call in answer["calls"]:
-        golden.update(call["action_input"])
-    return names == Counter(call["action"] for call in answer["calls"]) and same_json(merged, golden)
-
-VERIFIERS = {"arith": verify_arith, "science": verify_science, "tooluse": verify_tooluse}
+# The paper's two tasks have their verifiers beside their data: data/tasks.py.
 
 # -----------------------------------------------------------------------------
 # Empirical confidence: CaOPD's one change

@@ -8,7 +8,7 @@ files show their own logic only:
     tokens       the toy tokenizer or a Hugging Face tokenizer and its chat template
     tasks        held-out questions, training questions and a verifier for each task
     models       our GPT from scratch, or a Hugging Face model in, and back out
-    plots        the reliability diagram
+    report       the table and a few answers of each model, the reliability diagram
 """
 import atexit
 import copy
@@ -360,9 +360,28 @@ def load_task(cfg, tok, files, context):
         if not fits:
             die(f"{path}: no question fits the model's context of {context} tokens")
         rows[split] = fits
-    train, verifier = rows["train"], caopd.VERIFIERS[cfg.task]
+    train, verifier = rows["train"], tasks.VERIFIERS[cfg.task]
     return rows["eval"][:cfg.n_eval], lambda rng, n: [rng.choice(train) for _ in range(n)], \
         lambda ex, text: verifier(ex["answer"], text)
+
+def check_lengths(cfg, tok, held, context):
+    """Settings too short for the task, found before anything runs: the toy GPT's block_size must
+    hold its longest teacher prompt and completion; max_new_tokens must hold the shortest complete
+    answer (answer, confidence line, end token) of every held-out question."""
+    conf = len(encode(tok, caopd.set_confidence("", 1.0, decimals(tok)))) + 1  # + the end token
+    need, ex = max((len(encode(tok, caopd.set_confidence(shortest_answer(cfg.task, ex), 1.0,
+                                                                    decimals(tok)))) + 1, ex["id"])
+                   for ex in held), None
+    if cfg.max_new_tokens < need[0]:
+        die(f"--max_new_tokens={cfg.max_new_tokens}: too short for the answer format: the shortest complete "
+                   f"answer to held-out question {need[1]} (answer, 'Confidence:' line, end token) takes {need[0]} tokens")
+    if cfg.init_from == "scratch":
+        ex = held[0]  # the toy's questions of one mix have one length
+        prompt = max(len(teacher_tokens(tok, ex, c, ex["reference"], 1.0, 1.0, cfg.enable_thinking)) for c in caopd.TEMPLATES)
+        longest = prompt + cfg.max_new_tokens + conf  # a CaOPD completion: the rollout's body + its new confidence line
+        if longest > context:
+            die(f"--block_size={cfg.block_size}: shorter than the toy's longest sequence, {longest} tokens "
+                       f"(a teacher prompt of {prompt} + up to {cfg.max_new_tokens + conf} completion tokens)")
 
 # -----------------------------------------------------------------------------
 # models: our GPT from scratch, or a Hugging Face causal LM and its tokenizer
@@ -396,6 +415,20 @@ def load_model(cfg):
     files = AutoConfig.from_pretrained(cfg.init_from).dtype or torch.float32  # what the files hold
     return model.to(cfg.device), tok, context, str(files).removeprefix("torch.")
 
+def set_grad_checkpoint(model, on):
+    """Gradient checkpointing on or off: per block for our GPT, the model's own for Hugging Face's."""
+    if isinstance(model, caopd.GPT):
+        model.grad_checkpoint = on
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
 def export_hf(model, tok, path, dtype):
     """save_pretrained (safetensors) of a Hugging Face student and its tokenizer in dtype (the
     float32 master weights cast on the way out), swapped in whole: `path` always holds a complete
@@ -415,7 +448,27 @@ def export_hf(model, tok, path, dtype):
     shutil.rmtree(old, ignore_errors=True)
 
 # -----------------------------------------------------------------------------
-# plots
+# report and plots
+
+def report(results):
+    """The table (tool use: a second one, every golden call checked), and two right and two wrong
+    answers of each model."""
+    tables = [("", None)]  # (title, key of the metrics it shows: None = the top level)
+    if any("all_calls" in m for m, _ in results.values()):
+        tables.append(("\nevery golden call checked (the authors' eval_tooluse.py); above, the first call (training's P_acc)",
+                       "all_calls"))
+    for title, key in tables:
+        print(f"{title}\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} {'format':>6s}")
+        for name, (metrics, _) in results.items():
+            m = metrics[key] if key else metrics
+            print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
+                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {metrics['format_rate']:6.3f}")
+    for name, (_, records) in results.items():
+        right = [r for r in records if r["correct"]][:2]
+        wrong = [r for r in records if not r["correct"]][:2]
+        for r in right + wrong:
+            print(f"  {name:5s} {'right' if r['correct'] else 'wrong'}  {r['id']} = {str(r['answer'])[:40]:<5s} -> "
+                  + r["completion"].replace("\n", " | ")[:300])
 
 def reliability_diagram(results, path, columns=None):
     """Accuracy per confidence bin for each model, bin counts written on the bars; panels in rows

@@ -342,7 +342,7 @@ LABELS = ["Confidence:", "confidence:", "CONFIDENCE:", "**Confidence:**", "**Con
 def test_every_spelling_is_read_and_replaced_on_chat_text(label):
     text = CHAT_ANSWER.format(label=label)
     assert caopd.parse_confidence(text) == 0.85
-    assert caopd.verify_science("B", text)
+    assert tasks.verify_science("B", text)
     completion, shown, note = caopd.with_empirical_confidence(text, 0.375, 2)
     # the answer is kept, the label (its emphasis too) and all after it replaced: one confidence line
     assert completion == "<reasoning>\nCCO is ethanol, C2H6O: **46.069 g/mol**.\n</reasoning>\n<answer>\nB\n</answer>\n\nConfidence: 0.38"
@@ -481,8 +481,8 @@ def test_tooluse_eval_row_without_response():
     assert got["id"] == "eval-0" and got["answer"]["calls"] == TOOL_CALLS
     assert got["reference"] == ('Action: getForecast\nAction Input: {"city": "Denver", "days": 3}\n'
                                 'Action: getCurrentWeather\nAction Input: {"city": "Denver"}')  # every call, in order
-    assert caopd.verify_tooluse(got["answer"], got["reference"])
-    assert caopd.verify_tooluse_all_calls(got["answer"], got["reference"])
+    assert tasks.verify_tooluse(got["answer"], got["reference"])
+    assert tasks.verify_tooluse_all_calls(got["answer"], got["reference"])
 
 @pytest.mark.parametrize("change, message", [
     ({"golden_response": None}, "tooluse train row 9: missing field 'golden_response'"),
@@ -547,7 +547,7 @@ def test_write_jsonl_atomic(tmp_path):
     ("", False),
 ])
 def test_verify_science(text, ok):
-    assert caopd.verify_science("B", text) is ok
+    assert tasks.verify_science("B", text) is ok
 
 # ----------------------------------------------------------------------------
 # verify_tooluse
@@ -575,17 +575,17 @@ WANT = {"action": "searchBooks", "action_input": {"query": "chemistry", "filters
     ("", False),
 ])
 def test_verify_tooluse(text, ok):
-    assert caopd.verify_tooluse(WANT, text) is ok
+    assert tasks.verify_tooluse(WANT, text) is ok
 
 def test_verify_tooluse_braces_and_quotes_inside_strings():
     want = {"action": "searchBooks", "action_input": {"query": '"{curly} brackets}" in C', "limit": 3}}
     text = 'Action: searchBooks\nAction Input: {"query": "\\"{curly} brackets}\\" in C", "limit": 3}\nConfidence: 0.4'
-    assert caopd.verify_tooluse(want, text)
-    assert not caopd.verify_tooluse(want, text.replace("in C", "in D"))
+    assert tasks.verify_tooluse(want, text)
+    assert not tasks.verify_tooluse(want, text.replace("in C", "in D"))
 
 def test_verify_tooluse_never_raises_on_deep_nesting():
-    assert caopd.verify_tooluse({"action": "f", "action_input": {}}, "Action: f\nAction Input: " + "{" * 5000 + "}" * 5000) is False
-    assert caopd.verify_tooluse({"action": "f", "action_input": {}}, "Action: f\nAction Input: {}") is True
+    assert tasks.verify_tooluse({"action": "f", "action_input": {}}, "Action: f\nAction Input: " + "{" * 5000 + "}" * 5000) is False
+    assert tasks.verify_tooluse({"action": "f", "action_input": {}}, "Action: f\nAction Input: {}") is True
 
 # ----------------------------------------------------------------------------
 # verify_tooluse_all_calls: every golden call, as the authors' eval_tooluse.py scores a row
@@ -616,28 +616,28 @@ NOW = 'Action: getCurrentWeather\nAction Input: {"city": "Denver"}'
     (f"{FORECAST}\n{NOW}".replace("Action:", "action:"), False, False),  # the label is case-sensitive, as theirs
 ])
 def test_verify_tooluse_all_calls(text, first, every):
-    assert caopd.verify_tooluse(TWO, text) is first
-    assert caopd.verify_tooluse_all_calls(TWO, text) is every
+    assert tasks.verify_tooluse(TWO, text) is first
+    assert tasks.verify_tooluse_all_calls(TWO, text) is every
 
 def test_all_calls_order_matters_only_through_the_merge():
     cities = ["Oslo", "Rome", "Cairo"]  # three calls of one action: the merged golden input is {"city": "Cairo"}
     calls = [{"action": "getCurrentWeather", "action_input": {"city": c}} for c in cities]
     answer = {**calls[0], "calls": calls}
     said = lambda *order: "\n".join(f'Action: getCurrentWeather\nAction Input: {{"city": "{c}"}}' for c in order)
-    assert caopd.verify_tooluse_all_calls(answer, said("Oslo", "Rome", "Cairo"))
-    assert caopd.verify_tooluse_all_calls(answer, said("Rome", "Oslo", "Cairo"))  # the last one decides
-    assert not caopd.verify_tooluse_all_calls(answer, said("Oslo", "Cairo", "Rome"))
-    assert caopd.verify_tooluse_all_calls(answer, said("Cairo", "Cairo", "Cairo"))  # what the merge cannot see
-    assert not caopd.verify_tooluse_all_calls(answer, said("Cairo"))
+    assert tasks.verify_tooluse_all_calls(answer, said("Oslo", "Rome", "Cairo"))
+    assert tasks.verify_tooluse_all_calls(answer, said("Rome", "Oslo", "Cairo"))  # the last one decides
+    assert not tasks.verify_tooluse_all_calls(answer, said("Oslo", "Cairo", "Rome"))
+    assert tasks.verify_tooluse_all_calls(answer, said("Cairo", "Cairo", "Cairo"))  # what the merge cannot see
+    assert not tasks.verify_tooluse_all_calls(answer, said("Cairo"))
 
 def test_all_calls_with_nested_and_empty_inputs_never_raises():
     nested = {"action": "searchBooks", "action_input": WANT["action_input"], "calls": [WANT]}
-    assert caopd.verify_tooluse_all_calls(nested, 'Action: searchBooks\nAction Input: {"query": "chemistry", '
+    assert tasks.verify_tooluse_all_calls(nested, 'Action: searchBooks\nAction Input: {"query": "chemistry", '
                                                   '"filters": {"language": "fr"}, "limit": 3}')
     empty = {"action": "f", "action_input": {}, "calls": [{"action": "f", "action_input": {}}]}
-    assert caopd.verify_tooluse_all_calls(empty, "Action: f") and caopd.verify_tooluse_all_calls(empty, "Action: f\nAction Input: {}")
-    assert caopd.verify_tooluse_all_calls(empty, "Action: f\nAction Input: " + "{" * 5000 + "}" * 5000)  # not JSON: left out
-    assert not caopd.verify_tooluse_all_calls(empty, "Action: f\nAction Input: {\"x\": 1}")
+    assert tasks.verify_tooluse_all_calls(empty, "Action: f") and tasks.verify_tooluse_all_calls(empty, "Action: f\nAction Input: {}")
+    assert tasks.verify_tooluse_all_calls(empty, "Action: f\nAction Input: " + "{" * 5000 + "}" * 5000)  # not JSON: left out
+    assert not tasks.verify_tooluse_all_calls(empty, "Action: f\nAction Input: {\"x\": 1}")
 
 def test_evaluate_reports_both_tool_use_scores(monkeypatch):
     import train_small
@@ -649,7 +649,7 @@ def test_evaluate_reports_both_tool_use_scores(monkeypatch):
             "Action: getForecast\nAction Input: {}\nconfidence: 20%"]  # neither
     monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
     cfg = train_small.settings(init_from="unused", task="tooluse")
-    verify = lambda ex, text: caopd.verify_tooluse(ex["answer"], text)
+    verify = lambda ex, text: tasks.verify_tooluse(ex["answer"], text)
     m, records = train_small.evaluate(cfg, None, ENC, "caopd", [two] * 3, verify)
     assert [r["correct"] for r in records] == [True, True, False]
     assert [r["correct_all_calls"] for r in records] == [True, False, False]
@@ -718,8 +718,8 @@ def test_load_rows_errors_name_file_and_line(tmp_path, task, bad, message):
 # ----------------------------------------------------------------------------
 # fixtures: small real-format files for tests that train a few steps
 
-@pytest.mark.parametrize("task, verify, n", [("science", caopd.verify_science, 12), ("tooluse", caopd.verify_tooluse, 15),
-                                             ("tooluse", caopd.verify_tooluse_all_calls, 15)])
+@pytest.mark.parametrize("task, verify, n", [("science", tasks.verify_science, 12), ("tooluse", tasks.verify_tooluse, 15),
+                                             ("tooluse", tasks.verify_tooluse_all_calls, 15)])
 def test_fixture_loads_and_its_references_verify(task, verify, n):
     folder = os.path.dirname(os.path.abspath((science if task == "science" else tooluse).__file__))
     rows = tasks.load_rows(os.path.join(folder, "fixture.jsonl"), task)
@@ -1032,8 +1032,8 @@ def test_hf_model_plain_text_tooluse_and_arith(tmp_path):
     assert len(records) == 30 and sum(len(r["answer"]["calls"]) > 1 for r in records) == 6  # 3 rows x 2 models
     for name in ("base", "caopd"):
         m, mine = res["models"][name], [r for r in records if r["model"] == name]
-        assert [r["correct"] for r in mine] == [caopd.verify_tooluse(r["answer"], r["completion"]) for r in mine]
-        assert [r["correct_all_calls"] for r in mine] == [caopd.verify_tooluse_all_calls(r["answer"], r["completion"])
+        assert [r["correct"] for r in mine] == [tasks.verify_tooluse(r["answer"], r["completion"]) for r in mine]
+        assert [r["correct_all_calls"] for r in mine] == [tasks.verify_tooluse_all_calls(r["answer"], r["completion"])
                                                           for r in mine]
         conf = [r["confidence"] or 0.0 for r in mine]
         assert m["all_calls"] == caopd.calibration_metrics([r["correct_all_calls"] for r in mine], conf)
@@ -1210,9 +1210,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf, exact_rmsnorm):
     prompts = PROMPTS if hf else [p[:3] for p in PROMPTS]
     args = (model, teacher, prompts, COMPLETIONS, [p + [60] for p in prompts])
     plain = _kl_grads(train_small.settings(), *args)
-    train_small.set_grad_checkpoint(model, True)
+    common.set_grad_checkpoint(model, True)
     checked = _kl_grads(train_small.settings(grad_checkpoint=True, micro_batch=4), *args)
-    train_small.set_grad_checkpoint(model, False)
+    common.set_grad_checkpoint(model, False)
     assert checked[0] == pytest.approx(plain[0], rel=1e-12)
     for a, b in zip(checked[1], plain[1]):  # HF under checkpointing runs whole sequences, not the prompt cache
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 import caopd
 import common
 import toy_base
+from data import tasks
 from common import RANK, WORLD, decode, student_tokens, teacher_tokens
 
 # -----------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, e
         teacher = common.frozen_copy(model, torch.bfloat16)
     else:  # an EMA teacher's small updates need float32, like the student's
         teacher = copy.deepcopy(model).requires_grad_(False)
-    set_grad_checkpoint(model, cfg.grad_checkpoint)
+    common.set_grad_checkpoint(model, cfg.grad_checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, bad, skipped = common.restore(ck, model, teacher, opt, rng) if ck else (0, 0, 0)
     n = cfg.prompts_per_step // WORLD  # this process's prompts: rank n .. rank n + n - 1 of each step's batch
@@ -305,22 +306,8 @@ def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, e
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             common.save_checkpoint(cfg, tok, method, step + 1, model, teacher, opt, rng, bad, skipped)
     common.save_checkpoint(cfg, tok, method, cfg.steps, model, teacher, opt, rng, bad, skipped)
-    set_grad_checkpoint(model, False)
+    common.set_grad_checkpoint(model, False)
     return skipped
-
-def set_grad_checkpoint(model, on):
-    """Gradient checkpointing on or off: per block for our GPT, the model's own for Hugging Face's."""
-    if isinstance(model, caopd.GPT):
-        model.grad_checkpoint = on
-    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        if on:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
 
 # -----------------------------------------------------------------------------
 # evaluation: greedy answers to the held-out questions, student prompt only
@@ -340,7 +327,7 @@ def evaluate(cfg, model, tok, name, held, verify):
             records.append({"model": name, "id": ex["id"], "answer": ex["answer"], "completion": text,
                             "correct": verify(ex, text), "confidence": caopd.parse_confidence(text)})
             if cfg.task == "tooluse":  # also every golden call, as the authors' eval_tooluse.py scores it
-                records[-1]["correct_all_calls"] = caopd.verify_tooluse_all_calls(ex["answer"], text)
+                records[-1]["correct_all_calls"] = tasks.verify_tooluse_all_calls(ex["answer"], text)
             if "kind" in ex:
                 records[-1]["kind"] = ex["kind"]
     stated = [r["confidence"] or 0.0 for r in records]
@@ -357,26 +344,6 @@ def evaluate(cfg, model, tok, name, held, verify):
     if cfg.task == "tooluse":  # the same stated confidences against the all-calls verdicts
         metrics["all_calls"] = caopd.calibration_metrics([r["correct_all_calls"] for r in records], stated)
     return metrics, records
-
-def report(results):
-    """The table (tool use: a second one, every golden call checked), and two right and two wrong
-    answers of each model."""
-    tables = [("", None)]  # (title, key of the metrics it shows: None = the top level)
-    if any("all_calls" in m for m, _ in results.values()):
-        tables.append(("\nevery golden call checked (the authors' eval_tooluse.py); above, the first call (training's P_acc)",
-                       "all_calls"))
-    for title, key in tables:
-        print(f"{title}\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} {'format':>6s}")
-        for name, (metrics, _) in results.items():
-            m = metrics[key] if key else metrics
-            print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
-                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {metrics['format_rate']:6.3f}")
-    for name, (_, records) in results.items():
-        right = [r for r in records if r["correct"]][:2]
-        wrong = [r for r in records if not r["correct"]][:2]
-        for r in right + wrong:
-            print(f"  {name:5s} {'right' if r['correct'] else 'wrong'}  {r['id']} = {str(r['answer'])[:40]:<5s} -> "
-                  + r["completion"].replace("\n", " | ")[:300])
 
 # -----------------------------------------------------------------------------
 
@@ -402,25 +369,6 @@ def resume_settings(given):
                              **{k: v for k, v in given.items() if k in RESUME_FREE[1:]}})
     check_settings(cfg)
     return cfg, ck
-
-def check_lengths(cfg, tok, held, context):
-    """Settings too short for the task, found before anything runs: the toy GPT's block_size must
-    hold its longest teacher prompt and completion; max_new_tokens must hold the shortest complete
-    answer (answer, confidence line, end token) of every held-out question."""
-    conf = len(common.encode(tok, caopd.set_confidence("", 1.0, common.decimals(tok)))) + 1  # + the end token
-    need, ex = max((len(common.encode(tok, caopd.set_confidence(common.shortest_answer(cfg.task, ex), 1.0,
-                                                                    common.decimals(tok)))) + 1, ex["id"])
-                   for ex in held), None
-    if cfg.max_new_tokens < need[0]:
-        common.die(f"--max_new_tokens={cfg.max_new_tokens}: too short for the answer format: the shortest complete "
-                   f"answer to held-out question {need[1]} (answer, 'Confidence:' line, end token) takes {need[0]} tokens")
-    if cfg.init_from == "scratch":
-        ex = held[0]  # the toy's questions of one mix have one length
-        prompt = max(len(teacher_tokens(tok, ex, c, ex["reference"], 1.0, 1.0, cfg.enable_thinking)) for c in caopd.TEMPLATES)
-        longest = prompt + cfg.max_new_tokens + conf  # a CaOPD completion: the rollout's body + its new confidence line
-        if longest > context:
-            common.die(f"--block_size={cfg.block_size}: shorter than the toy's longest sequence, {longest} tokens "
-                       f"(a teacher prompt of {prompt} + up to {cfg.max_new_tokens + conf} completion tokens)")
 
 def main(argv):
     given = common.parse_overrides(argv, SETTINGS, lambda: common.print_help(
@@ -448,7 +396,7 @@ def main(argv):
         why = "the toy has no chat template" if cfg.init_from == "scratch" else "its chat template never reads it"
         print(f"--enable_thinking={cfg.enable_thinking!r} ignored: {why}")
     held, sample_train, verify = common.load_task(cfg, tok, files, context)
-    check_lengths(cfg, tok, held, context)
+    common.check_lengths(cfg, tok, held, context)
     common.take_out_dir(cfg.out_dir)
     if ck:
         print(f"resuming {ck['stage']} at step {ck['step']} from {cfg.out_dir}/ckpt.pt")
@@ -498,7 +446,7 @@ def main(argv):
     if RANK != 0:
         dist.destroy_process_group()
         return
-    report(results)
+    common.report(results)
 
     common.write_atomic(os.path.join(cfg.out_dir, "completions.jsonl"),
                         "".join(json.dumps(r) + "\n" for _, records in results.values() for r in records))

@@ -12,9 +12,11 @@ ValueError naming file and line; train_small.py prints it as one line.
 """
 import json
 import os
+import re
 import sys
 import tempfile
 import urllib.request
+from collections import Counter
 
 def row_problem(row, task):
     """What is wrong with one parsed row, or None."""
@@ -75,6 +77,78 @@ def load_rows(path, task):
     if not rows:
         raise ValueError(f"{path}: empty file (no rows)")
     return rows
+
+# -----------------------------------------------------------------------------
+# verifiers: is a completion right? (pure functions, never raise; training's P_acc and evaluation
+# call the same ones)
+
+# Science: a multiple-choice letter in the LAST <answer>...</answer> tag, case and whitespace
+# ignored. Tool use is scored two ways, as in the authors' release:
+#   first call (verify_tooluse; their training verifier, so P_acc here): the first `Action: name`
+#     and the JSON object after the `Action Input:` that follows it, equal to the first golden call;
+#   all calls (verify_tooluse_all_calls; their eval_tooluse.py): the names of every `Action:` line,
+#     as a multiset (calls in any order, each counted), equal to the golden calls' names, and the
+#     JSON objects after every `Action Input:`, merged into one dict (a later call's key overwrites
+#     an earlier one's), equal to the golden calls' inputs merged the same way. Which input goes with
+#     which call is not checked, and an input that is not a JSON object is left out of the merge.
+# Both read calls the same way (a whole balanced object, a ```json fence tolerated) and compare
+# JSON with key order ignored and value types not (3 is not "3", nor 3.0). eval_tooluse.py's own
+# reading cuts an input at its first "}" and a name at its first non-word character, so the
+# release's golden calls, written out, score 95 of its 97 eval rows there (a nested object; an
+# "[Optional]updateUserProfile") and 97 here.
+ANSWER_TAG = re.compile(r"<answer>([^<]*)</answer>", re.IGNORECASE)
+ACTION = re.compile(r"Action:[ \t]*([^\n]*)")
+ACTION_INPUT = re.compile(r"Action[ _]Input:\s*(?:```(?:json)?\s*)?")  # a ```json fence is tolerated
+
+def verify_science(answer, text):
+    tags = ANSWER_TAG.findall(text)
+    return bool(tags) and len(tags[-1].strip()) == 1 and tags[-1].strip().upper() == answer.upper()
+
+def balanced_object(text, start):
+    """The {...} opening at text[start], braces counted outside JSON strings; None if it never closes."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:  # inside "...": only an unescaped quote ends it
+            escaped, in_string = (False, True) if escaped else (c == "\\", c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "{}":
+            depth += 1 if c == "{" else -1
+            if depth == 0:
+                return text[start:i + 1]
+    return None
+
+def json_object_at(text, start):
+    """The JSON object opening at text[start] as a dict; None if there is none, it never closes or is not JSON."""
+    body = text.startswith("{", start) and balanced_object(text, start)
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not JSON; absurdly deep nesting
+        return None
+
+def same_json(a, b):
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+def verify_tooluse(answer, text):
+    action = ACTION.search(text)
+    inp = action and ACTION_INPUT.search(text, action.end())
+    call = json_object_at(text, inp.end()) if inp else None
+    return call is not None and action.group(1).strip() == answer["action"] and same_json(call, answer["action_input"])
+
+def verify_tooluse_all_calls(answer, text):
+    """answer["calls"]: every golden call, {"action", "action_input"} each."""
+    names = Counter(m.group(1).strip() for m in ACTION.finditer(text))
+    merged, golden = {}, {}
+    for m in ACTION_INPUT.finditer(text):
+        merged.update(json_object_at(text, m.end()) or {})
+    for call in answer["calls"]:
+        golden.update(call["action_input"])
+    return names == Counter(call["action"] for call in answer["calls"]) and same_json(merged, golden)
+
+VERIFIERS = {"science": verify_science, "tooluse": verify_tooluse}
 
 # -----------------------------------------------------------------------------
 # data/<task>/prepare.py: the authors' release (HF `datasets` saved to disk, pinned to a commit) -> our JSONL

@@ -13,8 +13,8 @@ tools. ..." then the tool's name, description and documentation, the format (Tho
 Action: / Action Input: ...), "Begin!" and "Question: <instruction>". It does not ask for a
 confidence: ASK_CONFIDENCE adds that line to the format block. Some requests need several calls
 (getCurrentWeather, then getForecast): every golden call is kept. Training checks the first one, as
-the reference's training-time verifier does (caopd.verify_tooluse); evaluation also reports every
-call checked, as the reference's eval_tooluse.py does (caopd.verify_tooluse_all_calls).
+the reference's training-time verifier does (tasks.verify_tooluse); evaluation also reports every
+call checked, as the reference's eval_tooluse.py does (tasks.verify_tooluse_all_calls).
 
 We write one row per line, the same layout for every task:
   {"id": "train-3", "messages": [{"role": "user", "content": prompt}],
