@@ -26,21 +26,21 @@ ENC = caopd.toy_tokenizer(arith.VOCAB_TEXT)
 def test_metrics_hand_case_with_a_tie():
     m = caopd.calibration_metrics([1, 0, 1, 0], [0.9, 0.2, 0.6, 0.6])
     assert m["n"] == 4
-    assert m["accuracy"] == pytest.approx(0.5)
-    assert m["mean_confidence"] == pytest.approx(0.575)
-    assert m["ocg"] == pytest.approx(0.075)
-    assert m["brier"] == pytest.approx((0.01 + 0.04 + 0.16 + 0.36) / 4)
+    assert m["accuracy"] == pytest.approx(0.5, rel=0, abs=1e-12)
+    assert m["mean_confidence"] == pytest.approx(0.575, rel=0, abs=1e-12)
+    assert m["ocg"] == pytest.approx(0.075, rel=0, abs=1e-12)
+    assert m["brier"] == pytest.approx((0.01 + 0.04 + 0.16 + 0.36) / 4, rel=0, abs=1e-12)
     # pairs (correct, incorrect): (.9,.2) (.9,.6) (.6,.2) win, (.6,.6) ties: strict SPR 3/4, AUROC 3.5/4
-    assert m["spr"] == pytest.approx(0.75)
-    assert m["auroc"] == pytest.approx(0.875)
+    assert m["spr"] == pytest.approx(0.75, rel=0, abs=1e-12)
+    assert m["auroc"] == pytest.approx(0.875, rel=0, abs=1e-12)
     # bins: {.9: acc 1} -> .1 * 1/4; {.2: acc 0} -> .2 * 1/4; {.6, .6: acc .5} -> .1 * 2/4
-    assert m["ece"] == pytest.approx(0.025 + 0.05 + 0.05)
+    assert m["ece"] == pytest.approx(0.025 + 0.05 + 0.05, rel=0, abs=1e-12)
 
 def test_metrics_constant_confidence_model():
     m = caopd.calibration_metrics([1, 0, 0, 1, 1], [1.0] * 5)
     assert m["spr"] == 0.0 and m["auroc"] == 0.5  # always 1.00: no ranking at all
-    assert m["ece"] == pytest.approx(0.4) and m["ocg"] == pytest.approx(0.4)
-    assert m["brier"] == pytest.approx(0.4)
+    assert m["ece"] == pytest.approx(0.4, rel=0, abs=1e-12) and m["ocg"] == pytest.approx(0.4, rel=0, abs=1e-12)
+    assert m["brier"] == pytest.approx(0.4, rel=0, abs=1e-12)
 
 def test_metrics_empty_classes():
     for correct in ([1, 1, 1], [0, 0, 0]):
@@ -51,8 +51,31 @@ def test_metrics_empty_classes():
 def test_metrics_bin_edges():
     assert caopd.calibration_metrics([0, 1], [0.0, 1.0])["ece"] == 0.0  # 0 in the first bin, 1 in the last
     # 0.3 belongs to [0.3, 0.4) together with 0.39 (floating point must not push it into [0.2, 0.3))
-    assert caopd.calibration_metrics([1, 0], [0.3, 0.39])["ece"] == pytest.approx(abs(0.345 - 0.5))
-    assert caopd.calibration_metrics([1, 0], [0.7, 0.79])["ece"] == pytest.approx(abs(0.745 - 0.5))
+    assert caopd.calibration_metrics([1, 0], [0.3, 0.39])["ece"] == pytest.approx(abs(0.345 - 0.5), rel=0, abs=1e-12)
+    assert caopd.calibration_metrics([1, 0], [0.7, 0.79])["ece"] == pytest.approx(abs(0.745 - 0.5), rel=0, abs=1e-12)
+
+def test_metrics_match_exact_rational_arithmetic():
+    """1,001 answers at random tenths: each metric against exact fractions, to 1e-12 (a count / n in
+    float32, as ECE once had, is off by ~5e-9)."""
+    import random
+    from fractions import Fraction
+    rng = random.Random(0)
+    conf = [rng.randrange(11) / 10 for _ in range(1001)]
+    correct = [int(rng.random() < c * 0.8 + 0.1) for c in conf]
+    m = caopd.calibration_metrics(correct, conf)
+    n, C, Y = len(conf), [Fraction(c) for c in conf], [Fraction(y) for y in correct]
+    by_bin = {}
+    for c, y, x in zip(C, Y, conf):
+        by_bin.setdefault(min(9, int(round(x * 10))), []).append(c - y)
+    ece = sum(abs(sum(d)) for d in by_bin.values()) / n  # share x |mean conf - acc| = |sum(c - y)| / n
+    pos = [c for c, y in zip(C, correct) if y]
+    neg = [c for c, y in zip(C, correct) if not y]
+    wins, ties = sum(p > q for p in pos for q in neg), sum(p == q for p in pos for q in neg)
+    exact = {"accuracy": sum(Y) / n, "mean_confidence": sum(C) / n, "ece": ece,
+             "brier": sum((c - y) ** 2 for c, y in zip(C, Y)) / n, "ocg": (sum(C) - sum(Y)) / n,
+             "spr": Fraction(wins, len(pos) * len(neg)), "auroc": Fraction(2 * wins + ties, 2 * len(pos) * len(neg))}
+    for k, v in exact.items():
+        assert m[k] == pytest.approx(float(v), rel=0, abs=1e-12), k
 
 # -----------------------------------------------------------------------------
 # the loss: exact against plain autograd, in the right direction
