@@ -450,6 +450,16 @@ def export_hf(model, tok, path, dtype):
 # -----------------------------------------------------------------------------
 # report and plots
 
+def ece_floor(confidence, reps=200):
+    """ECE from sampling alone: (mean, sd) over reps draws of a perfectly calibrated model that
+    states these confidences, each answer right with the probability it states. An ECE near this
+    is as good as the number of questions can tell."""
+    c = torch.as_tensor(confidence, dtype=torch.float64)
+    y = torch.rand(reps, len(c), generator=torch.Generator().manual_seed(0), dtype=torch.float64) < c  # (reps, n)
+    per_bin = torch.zeros(reps, 10, dtype=torch.float64).index_add_(1, caopd.confidence_bin(c), c - y.double())
+    ece = per_bin.abs().sum(1) / len(c)  # sum over bins of share x |mean conf - acc| = |sum(conf - correct)| / n
+    return ece.mean().item(), ece.std().item()
+
 def report(results):
     """The table (tool use: a second one, every golden call checked), and two right and two wrong
     answers of each model."""
@@ -458,11 +468,14 @@ def report(results):
         tables.append(("\nevery golden call checked (the authors' eval_tooluse.py); above, the first call (training's P_acc)",
                        "all_calls"))
     for title, key in tables:
-        print(f"{title}\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} {'format':>6s}")
-        for name, (metrics, _) in results.items():
+        print(f"{title}\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} "
+              f"{'format':>6s}  ECE of a calibrated model with these confidences")
+        for name, (metrics, records) in results.items():
             m = metrics[key] if key else metrics
+            floor = ece_floor([r["confidence"] or 0.0 for r in records])
             print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
-                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {metrics['format_rate']:6.3f}")
+                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {metrics['format_rate']:6.3f}  "
+                  f"{floor[0]:.3f} +- {floor[1]:.3f}")
     for name, (_, records) in results.items():
         right = [r for r in records if r["correct"]][:2]
         wrong = [r for r in records if not r["correct"]][:2]

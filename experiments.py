@@ -10,9 +10,9 @@ The paper's other claims, as experiments on the toy task that anyone can rerun o
     python experiments.py all          # the six, one after the other
 
 Each writes <out_dir>/<name>.json and <name>.png (out_dir: out/experiments/<name>) and prints its
-table. Every train_small.py setting can be given too (--steps=300, --n_eval=1000, --seed=1, ...);
-TRAIN below is where the experiments start from instead of train_small.py's defaults: fewer
-distillation steps, so that each experiment fits in about 15 minutes on one CPU core.
+table. Every run starts from train_small.py's defaults (its distillation steps, its held-out
+questions), and every train_small.py setting can be given too (--steps=300, --seed=1, ...); TRAIN
+below only logs more often and skips the checkpoints.
 Base and distilled models are cached in cache_dir under a hash of everything that made them
 (settings, start model, training questions, the source of the code that trains them):
 experiments that need the same model train it once. The entropy of every OPD and CaOPD run is
@@ -48,7 +48,6 @@ out_dir = ""                          # "" = out/experiments/<name>
 cache_dir = "out/experiments/cache"   # base and distilled models, by the hash of what made them
 sizes = "2x32,2x64,3x96,4x128"        # scaling: n_layer x n_embd (n_head = n_embd / 32)
 ood_n = 500                           # ood: questions per out-of-distribution set
-continual_steps = 100                 # continual: distillation steps per task
 grad_batches = 8                      # estimators: independent batches for the gradient variance
 estimator_topk = 8                    # estimators: k of the top-k + tail estimator
 Ks = "2,4,8,16"                       # pacc: rollouts per prompt
@@ -56,7 +55,7 @@ smoothed_Ks = "2"                     # pacc: the K that also run with P_acc = (
 # -----------------------------------------------------------------------------
 OWN = common.settings_block(globals(), __file__)
 # train_small.py settings every experiment starts from (the command line overrides them)
-TRAIN = dict(steps=150, n_eval=500, log_every=10, ckpt_every=10_000)
+TRAIN = dict(log_every=10, ckpt_every=10_000)
 METHODS = ("opd", "caopd")
 CLI = {}  # train_small.py settings given on the command line
 
@@ -338,10 +337,10 @@ def ood():
 # 4. continual learning: task A (addition), then task B (multiplication)
 
 def continual():
-    """OPD and CaOPD distilled on additions for continual_steps, then continued on
+    """OPD and CaOPD distilled on additions for --steps, then continued on
     multiplications; each phase starts a new frozen teacher (the student at its start).
     Evaluated on held-out additions and multiplications after each phase."""
-    cfg, base, tok, base_name, _ = base_model(steps=continual_steps)
+    cfg, base, tok, base_name, _ = base_model()
     (held_a, train_a, _), (held_b, train_b, _) = task(cfg, "+"), task(cfg, "*")
     rows = []
     evaluate_both = lambda model, method, phase: [

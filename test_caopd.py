@@ -54,6 +54,15 @@ def test_metrics_bin_edges():
     assert caopd.calibration_metrics([1, 0], [0.3, 0.39])["ece"] == pytest.approx(abs(0.345 - 0.5), rel=0, abs=1e-12)
     assert caopd.calibration_metrics([1, 0], [0.7, 0.79])["ece"] == pytest.approx(abs(0.745 - 0.5), rel=0, abs=1e-12)
 
+def test_ece_floor_is_the_ece_of_calibrated_draws():
+    import common
+    c = torch.tensor([i % 11 / 10 for i in range(997)], dtype=torch.float64)
+    y = torch.rand(200, len(c), generator=torch.Generator().manual_seed(0), dtype=torch.float64) < c  # the same draws
+    eces = torch.tensor([caopd.calibration_metrics(y[r].double(), c)["ece"] for r in range(200)], dtype=torch.float64)
+    mean, sd = common.ece_floor(c.tolist())
+    assert mean == pytest.approx(eces.mean().item(), rel=0, abs=1e-12) and sd == pytest.approx(eces.std().item(), abs=1e-12)
+    assert common.ece_floor([0.0, 1.0] * 50) == (0.0, 0.0)  # a calibrated model saying only 0 or 1 is never off
+
 def test_metrics_match_exact_rational_arithmetic():
     """1,001 answers at random tenths: each metric against exact fractions, to 1e-12 (a count / n in
     float32, as ECE once had, is off by ~5e-9)."""

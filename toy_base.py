@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import caopd
 import common
+from data import arith
 from common import encode, student_tokens, teacher_tokens
 
 def base_batch_rows(cfg, tok, rng, sample_train):
@@ -130,12 +131,12 @@ def train_base(cfg, model, tok, sample_train, ck=None):
 def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None):
     """Stage 0 into `base`, cached in cache_dir as base-<hash of its settings>.pt: the same settings
     give the same base, so it is trained once and reused. Returns the file's path."""
-    # n_eval too: the held-out questions are left out of training, so they change the training stream
-    settings = {k: getattr(cfg, k) for k in ("init_from", "seed", "data_seed", "n_eval", "n_layer", "n_head", "n_embd",
+    settings = {k: getattr(cfg, k) for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
                                              "block_size", "base_steps", "base_batch", "base_lr", "base_warmup",
                                              "base_conf_sigma", "base_conf_shape")}
-    # editing the curriculum or its loss must not reuse a stale base
-    curriculum = [inspect.getsource(f) for f in (base_batch_rows, soft_confidence_loss, train_base)]
+    # editing the curriculum, its loss or the held-out rule must not reuse a stale base
+    curriculum = [inspect.getsource(f) for f in (base_batch_rows, soft_confidence_loss, train_base, arith.is_held,
+                                                 arith.make_example)] + [arith.HELD_FRACTION, arith.QUESTION]
     key = hashlib.sha256(json.dumps([settings, caopd.output_weight(base).shape[0], caopd.TEMPLATES,
                                      curriculum]).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"base-{key}.pt")

@@ -52,7 +52,8 @@ task = "arith"             # "arith" (generated in code), "science" or "tooluse"
 data = ""                  # science / tooluse: training JSONL ("" = data/<task>/train.jsonl)
 eval_data = ""             # science / tooluse: held-out JSONL ("" = data/<task>/eval.jsonl)
 data_seed = 0              # arith: fixes the held-out questions, so every run is scored on the same ones
-n_eval = 1000              # held-out questions (science / tooluse: the first n_eval of eval_data)
+n_eval = 4000              # held-out questions (science / tooluse: the first n_eval of eval_data); at 4000 a
+                           # calibrated model's ECE is 0.014 +- 0.004 from sampling alone (0.027 at 1000)
 enable_thinking = "default"  # a Hugging Face chat template's enable_thinking, for student and teacher prompts
                            # alike: "default" (the template's own: Qwen3 thinks), "true" or "false" (Qwen3: an
                            # empty <think></think>, no thinking). A template that never reads it ignores it, and

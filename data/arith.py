@@ -18,6 +18,7 @@ An example: {"id": "017+305", "question": "Solve 017+305 and end with your confi
 (messages is the question as a chat: the shape of every task's examples; see train_small.py)
 The student answers "Answer: 0322\nConfidence: 0.7"; caopd.verify checks the integer.
 """
+import hashlib
 import random
 
 QUESTION = "Solve {a:03d}{op}{b:03d} and end with your confidence."
@@ -47,21 +48,38 @@ def _operand(rng, max_digits):
     d = rng.randint(1, max_digits)
     return rng.randrange(10 ** (d - 1) if d > 1 else 0, 10 ** d)
 
+HELD_FRACTION = 0.2  # of every kind of question (op and operand digit counts): held out, never trained on
+
+def is_held(data_seed, qid):
+    """Whether question qid is held out: a hash of (data_seed, qid) in the lowest HELD_FRACTION of
+    the hash space. sha256, not hash(): Python salts string hashes per process."""
+    h = hashlib.sha256(f"{data_seed}/{qid}".encode()).digest()
+    return int.from_bytes(h[:8], "big") < HELD_FRACTION * 2 ** 64
+
 def split(data_seed, n_eval, ops="+*", digits=None):
     """The held-out questions (deterministic in data_seed) and a sampler of training questions
-    that never returns one of them. ops and digits as in make_example."""
+    that never returns one of them. ops and digits as in make_example.
+    A question is held out iff is_held: a fifth of every kind, so training sees the rest of every
+    kind. (Held-out questions drawn first and excluded after, as before, took 68 of the 100
+    products of two one-digit numbers out of training at n_eval = 1000.) The n_eval evaluation
+    questions are distinct held-out questions, drawn from the training distribution: each is one
+    independent outcome, so ECE's sampling floor falls as 1 / sqrt(n_eval). A small kind runs out
+    of held-out questions (the one-digit products have ~28), so at n_eval = 4000 the mix is 27.5%
+    multiplications where training's is 50% (the greedy answer to a repeated question would add
+    weight but no information)."""
     rng = random.Random(data_seed)
     held_out = {}
     while len(held_out) < n_eval:
         ex = make_example(rng, ops, digits)
-        held_out.setdefault(ex["id"], ex)
+        if is_held(data_seed, ex["id"]):
+            held_out.setdefault(ex["id"], ex)
     held = list(held_out.values())
 
     def sample_train(rng, n):
         out = []
         while len(out) < n:
             ex = make_example(rng, ops, digits)
-            if ex["id"] not in held_out:
+            if not is_held(data_seed, ex["id"]):
                 out.append(ex)
         return out
     return held, sample_train
