@@ -199,26 +199,22 @@ def _hf_prefill(model, prompts):
     h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
     return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
 
-def _hf_decoder(model, prompts, pad_id):
-    """The same for a Hugging Face causal LM and its own KV cache. Prompts of several lengths are
-    left-padded: the attention mask hides the padding, the position ids start at each prompt's start."""
-    device, T = model.get_output_embeddings().weight.device, max(map(len, prompts))
-    idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    name = _hf_cache_name(model)
-    past = {}
+def _hf_decoder(model, prompts):
+    """The same for a Hugging Face causal LM, over its own KV cache: the prompts through
+    _hf_prefill (each distinct one once, left-padded), then one token per row per step. The logits
+    are h @ output_weight().T, as the loss computes them."""
+    W, name = output_weight(model), _hf_cache_name(model)
+    h0, cache, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
 
     def decode(nxt):
-        nonlocal mask, pos, past
+        nonlocal mask, pos
         if nxt is None:
-            out = model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        else:
-            mask, pos = torch.cat([mask, mask.new_ones(len(mask), 1)], 1), pos[:, -1:] + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                        logits_to_keep=1, **past)
-        past = {name: out[name]}
-        return out.logits[:, -1].float()
+            return (h0 @ W.T).float()
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                               use_cache=True, **{name: cache})  # the cache grows in place
+        pos = pos + 1
+        return (out.last_hidden_state[:, -1] @ W.T).float()
     return decode
 
 @torch.no_grad()
@@ -236,7 +232,7 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
     if isinstance(model, GPT):
         decode = _gpt_decoder(model, prompts, max_new_tokens, use_cache)
     else:
-        decode = _hf_decoder(model, prompts, end_id)
+        decode = _hf_decoder(model, prompts)
     logits = decode(None)
     device = logits.device
     out = torch.empty(B, 0, dtype=torch.long, device=device)
