@@ -347,7 +347,10 @@ def load_task(cfg, tok, files, context):
     """(held-out examples, sample_train(rng, n), verify(example, text)). Examples too long for the
     model's context (teacher prompt + max_new_tokens) are skipped and counted."""
     if cfg.task == "arith":
-        held, sample_train = arith.split(cfg.data_seed, cfg.n_eval)
+        try:
+            held, sample_train = arith.split(cfg.data_seed, cfg.n_eval)
+        except ValueError as e:
+            die(str(e))
         return held, sample_train, lambda ex, text: caopd.verify_arith(ex["answer"], text)
     rows = {}
     for split, (path, examples) in files.items():

@@ -75,7 +75,10 @@ def configure(**run):
 
 def task(cfg, ops="+*", n=None, digits=None):
     """(held-out questions, sampler of training questions, verify) for a question mix."""
-    held, sample_train = arith.split(cfg.data_seed, n or cfg.n_eval, ops, digits)
+    try:
+        held, sample_train = arith.split(cfg.data_seed, n or cfg.n_eval, ops, digits)
+    except ValueError as e:
+        common.die(str(e))
     return held, sample_train, verify
 
 def verify(ex, text):
@@ -339,9 +342,12 @@ def ood():
 def continual():
     """OPD and CaOPD distilled on additions for --steps, then continued on
     multiplications; each phase starts a new frozen teacher (the student at its start).
-    Evaluated on held-out additions and multiplications after each phase."""
-    cfg, base, tok, base_name, _ = base_model()
-    (held_a, train_a, _), (held_b, train_b, _) = task(cfg, "+"), task(cfg, "*")
+    Evaluated after each phase on the additions and the multiplications of train_small.py's
+    held-out questions (the multiplications have too few distinct held-out questions for n_eval of
+    their own)."""
+    cfg, base, tok, base_name, (held, _) = base_model()
+    held_a, held_b = ([ex for ex in held if ex["kind"] == kind] for kind in ("add", "mul"))
+    train_a, train_b = (arith.split(cfg.data_seed, 0, ops)[1] for ops in "+*")
     rows = []
     evaluate_both = lambda model, method, phase: [
         rows.append({"model": method, "after": phase, "eval on": name, **evaluate(cfg, tok, model, method, held)[0]})

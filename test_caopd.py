@@ -423,6 +423,13 @@ def test_split_is_deterministic_and_held_out():
     assert not ids & {e["id"] for e in sample_train(random.Random(0), 2000)}
     assert len({len(ENC.encode(caopd.student_prompt(e["question"]))) for e in held}) == 1  # one batch
 
+def test_held_out_questions_that_run_out_are_an_error_not_a_hang():
+    # 1-2 digit products: 10,000 ids, of which exactly 1954 are held out with data_seed 0
+    assert sum(arith.is_held(0, f"{a:03d}*{b:03d}") for a in range(100) for b in range(100)) == 1954
+    assert len({e["id"] for e in arith.split(0, 1954, "*")[0]}) == 1954
+    with pytest.raises(ValueError, match=r"^n_eval=1955: .* ran out at 1954; ask for at most that many$"):
+        arith.split(0, 1955, "*")
+
 # -----------------------------------------------------------------------------
 # the paper's two tasks: release converters, verifiers, the row loader
 
@@ -1440,3 +1447,17 @@ def test_scaling_sweep_bookkeeping_on_two_tiny_sizes(tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # every model from the cache
     assert again.returncode == 0 and again.stdout.count("reusing") == 6, again.stdout[-2000:]
     assert json.loads((tmp_path / "out" / "scaling.json").read_text())["rows"] == rows
+
+def test_continual_phases_are_scored_on_the_default_held_out_questions_by_kind(tmp_path):
+    args = [sys.executable, os.path.join(HERE, "experiments.py"), "continual", "--smoke=True", "--n_eval=16",
+            f"--out_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "continual.json").read_text())["rows"]
+    held = arith.split(0, 16)[0]
+    n = {"A: add": sum(e["kind"] == "add" for e in held), "B: mul": sum(e["kind"] == "mul" for e in held)}
+    assert 0 < n["B: mul"] < 16 and all(r["n"] == n[r["eval on"]] for r in rows)
+    assert [(r["model"], r["after"]) for r in rows[::2]] == [("base", "base"), ("opd", "A"), ("opd", "A then B"),
+                                                              ("caopd", "A"), ("caopd", "A then B")]
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert cached == ["base", "caopd", "caopd", "opd", "opd"]  # each phase's model once
