@@ -122,7 +122,7 @@ def evaluate(cfg, tok, model, name, held):
 
 # Other estimators of the same per-token reverse KL as caopd.fused_linear_kl. Each takes its
 # arguments and returns a scalar whose VALUE estimates the weighted mean KL and whose GRADIENT is
-# the estimator's gradient. They form (N, V) logits in plain autograd: fine for the toy's 331 tokens, and
+# the estimator's gradient. They form (N, V) logits in plain autograd: fine for the toy's 321 tokens, and
 # deliberately so: they are here to be compared, not to save memory.
 
 def _log_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask):
