@@ -56,7 +56,7 @@ def is_held(data_seed, qid):
     h = hashlib.sha256(f"{data_seed}/{qid}".encode()).digest()
     return int.from_bytes(h[:8], "big") < HELD_FRACTION * 2 ** 64
 
-MAX_MISSES = 1_000_000  # draws in a row without a new held-out question: the mix has run out
+MAX_DRAWS = 2_000_000  # to find n_eval distinct held-out questions (~10 s); past it the mix has run out
 
 def split(data_seed, n_eval, ops="+*", digits=None):
     """The held-out questions (deterministic in data_seed) and a sampler of training questions
@@ -70,16 +70,15 @@ def split(data_seed, n_eval, ops="+*", digits=None):
     multiplications where training's is 50% (the greedy answer to a repeated question would add
     weight but no information)."""
     rng = random.Random(data_seed)
-    held_out, misses = {}, 0
+    held_out, draws = {}, 0
     while len(held_out) < n_eval:
         ex = make_example(rng, ops, digits)
-        if is_held(data_seed, ex["id"]) and ex["id"] not in held_out:
-            held_out[ex["id"]], misses = ex, 0
-        else:
-            misses += 1
-        if misses == MAX_MISSES:  # none left: say so in seconds, instead of drawing forever
-            raise ValueError(f"n_eval={n_eval}: the held-out questions of this mix ({ops}, digits {digits or 'default'})"
-                             f" ran out at {len(held_out)}; ask for at most that many")
+        if is_held(data_seed, ex["id"]):
+            held_out.setdefault(ex["id"], ex)
+        draws += 1
+        if draws == MAX_DRAWS:  # say so in seconds, instead of drawing for hours (or forever)
+            raise ValueError(f"n_eval={n_eval}: {MAX_DRAWS:,} questions of this mix ({ops}, digits "
+                             f"{digits or 'default'}) hold {len(held_out)} distinct held-out ones; ask for at most that many")
     held = list(held_out.values())
 
     def sample_train(rng, n):
