@@ -62,8 +62,8 @@ def split(data_seed, n_eval, ops="+*", digits=None):
     """The held-out questions (deterministic in data_seed) and a sampler of training questions
     that never returns one of them. ops and digits as in make_example.
     A question is held out iff is_held: a fifth of every kind, so training sees the rest of every
-    kind. (Held-out questions drawn first and excluded after, as before, took 68 of the 100
-    products of two one-digit numbers out of training at n_eval = 1000.) The n_eval evaluation
+    kind (excluding the evaluation questions themselves would take most of a small kind, such as
+    the 100 one-digit products, out of training). The n_eval evaluation
     questions are distinct held-out questions, drawn from the training distribution: each is one
     independent outcome, so ECE's sampling floor falls as 1 / sqrt(n_eval). A small kind runs out
     of held-out questions (the one-digit products have ~28), so at n_eval = 4000 the mix is 27.5%
