@@ -63,18 +63,22 @@ def settings_block(module_globals, path):
 
 def print_help(settings, usage, about, also=None):
     """--help: every setting, its default and its help, grouped as in the source."""
-    print(f"usage: {usage}\n\n{about}")
+    lines = [f"usage: {usage}\n\n{about}"]
     for title, block in [(None, settings)] + ([also] if also else []):
         if title:
-            print(f"\n{title}")
+            lines.append(f"\n{title}")
         group = None
         for name, (default, text, g) in block.items():
             if g != group:
-                print(f"\n{g}:")
+                lines.append(f"\n{g}:")
                 group = g
             key = f"  --{name}={default}"
             text = textwrap.fill(text, 110, initial_indent=" " * 31, subsequent_indent=" " * 31)
-            print(f"{key:<30s} {text[31:]}" if len(key) < 30 else f"{key}\n{text}")
+            lines.append(f"{key:<30s} {text[31:]}" if len(key) < 30 else f"{key}\n{text}")
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has what it wanted; exit's own flush must write nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 def parse_value(key, text, default):
     """The value of --key=text, of the type of the default; floats must be finite."""

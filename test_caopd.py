@@ -830,6 +830,17 @@ def test_help_lists_every_setting_with_its_default_and_comment():
     text, group = train_small.SETTINGS["ema_rate"][1:]
     assert text.endswith("a frozen teacher keeps the format (1.00)") and group == "teacher"  # comment lines go on
 
+def test_help_into_a_closed_pipe_exits_0_without_a_traceback():
+    """`--help | head`: the reader leaves early. Here it has left before the first byte (a pipe whose
+    read end is closed), so every write fails: the run still exits 0 and says nothing on stderr."""
+    for script in ("train_small.py", "experiments.py"):
+        read, write = os.pipe()
+        os.close(read)
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+        os.close(write)
+        assert r.returncode == 0 and r.stderr == "", (script, r.stderr[-300:])
+
 def test_out_dir_that_is_a_file(tmp_path):
     f = tmp_path / "taken"
     f.write_text("x")
