@@ -347,15 +347,24 @@ def shortest_answer(task, ex):
         return f"<answer>{ex['answer']}</answer>"
     return f"Action: {ex['answer']['action']}\nAction Input: {json.dumps(ex['answer']['action_input'])}"
 
+def verify_arith(ex, text):
+    return caopd.verify_arith(ex["answer"], text)
+
+def arith_task(data_seed, n_eval, ops="+*", digits=None, setting=None):
+    """(held-out questions, sample_train(rng, n), verify(example, text)) of a toy question mix (arith.split);
+    asking for more distinct held-out questions than the mix holds is a one-line error, led by `setting`
+    where n_eval comes from another setting."""
+    try:
+        held, sample_train = arith.split(data_seed, n_eval, ops, digits)
+    except ValueError as e:
+        die(f"{setting}: {e}" if setting else str(e))
+    return held, sample_train, verify_arith
+
 def load_task(cfg, tok, files, context):
     """(held-out examples, sample_train(rng, n), verify(example, text)). Examples too long for the
     model's context (teacher prompt + max_new_tokens) are skipped and counted."""
     if cfg.task == "arith":
-        try:
-            held, sample_train = arith.split(cfg.data_seed, cfg.n_eval)
-        except ValueError as e:
-            die(str(e))
-        return held, sample_train, lambda ex, text: caopd.verify_arith(ex["answer"], text)
+        return arith_task(cfg.data_seed, cfg.n_eval)
     rows = {}
     for split, (path, examples) in files.items():
         fits = [ex for ex in examples if len(teacher_tokens(tok, ex, cfg.teacher_context, ex["reference"], 1.0, 1.0,

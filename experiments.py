@@ -23,6 +23,7 @@ token with a baseline) and the entropy, which the method in caopd.py does not ne
     python experiments.py --help       # the experiments' settings, then train_small.py's
 """
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -73,22 +74,11 @@ def configure(**run):
     model, tok, _, _ = common.load_model(cfg)
     return cfg, model, tok
 
-def task(cfg, ops="+*", n=None, digits=None):
-    """(held-out questions, sampler of training questions, verify) for a question mix."""
-    try:
-        held, sample_train = arith.split(cfg.data_seed, n or cfg.n_eval, ops, digits)
-    except ValueError as e:
-        common.die(str(e))
-    return held, sample_train, verify
-
-def verify(ex, text):
-    return caopd.verify_arith(ex["answer"], text)
-
 def base_model(**run):
     """The base model of these settings (stage 0, cached): (settings, model, tokenizer, its file's
     name, the default task)."""
     cfg, model, tok = configure(**run)
-    held, sample_train, _ = task(cfg)
+    held, sample_train, _ = common.arith_task(cfg.data_seed, cfg.n_eval)
     path = toy_base.cached_base(cfg, model, tok, sample_train, cache_dir)
     return cfg, model, tok, os.path.basename(path), (held, sample_train)
 
@@ -109,13 +99,13 @@ def trained(cfg, tok, start, start_name, method, sample_train, data="+*", estima
         print(f"reusing {method} model {path}")
         return model, os.path.basename(path), saved["entropy"]
     log = []
-    ts.distill(cfg, model, tok, method, sample_train, verify, estimator=ESTIMATORS[estimator],
+    ts.distill(cfg, model, tok, method, sample_train, common.verify_arith, estimator=ESTIMATORS[estimator],
                on_log=lambda *a: log.append(entropy_stats(tok, *a)))
     common.write_atomic(path, {"model": model.state_dict(), "settings": settings, "entropy": log}, "wb")
     return model, os.path.basename(path), log
 
 def evaluate(cfg, tok, model, name, held):
-    return ts.evaluate(cfg, model, tok, name, held, verify)
+    return ts.evaluate(cfg, model, tok, name, held, common.verify_arith)
 
 # -----------------------------------------------------------------------------
 # estimators of the reverse KL and the entropy, for the ablations below
@@ -306,16 +296,18 @@ def entropy_experiment():
 # -----------------------------------------------------------------------------
 # 3. out of distribution: harder questions, an unseen operation
 
-def ood_sets(cfg):
+@functools.lru_cache(maxsize=None)  # main builds them first, so a --ood_n the mixes cannot fill fails before training
+def ood_sets(data_seed, n_eval):
     """name -> questions. "in_dist": the held-out questions of training's mix. "add4": additions
     with a 4-digit operand (training's have at most 3; the prompt is two tokens longer). "mul3":
     multiplications with a 3-digit operand (training's have at most 2; same prompt length).
     "sub": subtractions, an operation never trained (same prompt length)."""
     big = lambda ex, d: max(map(int, re.split(r"[-+*]", ex["id"]))) >= 10 ** (d - 1)
-    sets = {"in_dist": task(cfg)[0]}
+    sets = {"in_dist": common.arith_task(data_seed, n_eval)[0]}
     for name, ops, digits, keep in (("add4", "+", 4, lambda ex: big(ex, 4)), ("mul3", "*", 3, lambda ex: big(ex, 3)),
                                     ("sub", "-", None, lambda ex: True)):
-        held = [ex for ex in task(cfg, ops, 4 * ood_n, digits)[0] if keep(ex)][:ood_n]
+        drawn = common.arith_task(data_seed, 4 * ood_n, ops, digits, f"--ood_n={ood_n} (4x drawn)")[0]
+        held = [ex for ex in drawn if keep(ex)][:ood_n]
         if len(held) < ood_n:
             common.die(f"--ood_n={ood_n}: only {len(held)} {name} questions; lower it")
         sets[name] = held
@@ -324,7 +316,7 @@ def ood_sets(cfg):
 def ood():
     cfg, base, tok, base_name, (held, sample_train) = base_model()
     models = {"base": base, **{m: trained(cfg, tok, base, base_name, m, sample_train)[0] for m in METHODS}}
-    sets, rows, results = ood_sets(cfg), [], {}
+    sets, rows, results = ood_sets(cfg.data_seed, cfg.n_eval), [], {}
     for method, model in models.items():
         for name, questions in sets.items():
             m, records = evaluate(cfg, tok, model, method, questions)
@@ -386,7 +378,7 @@ def gradient_noise(cfg, tok, model, sample_train):
     for b in range(grad_batches):
         exs = sample_train(rng, cfg.prompts_per_step)
         prompts, completions, teacher_prompts, *_ = ts.rollout_batch(
-            cfg, model, tok, "caopd", exs, verify, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
+            cfg, model, tok, "caopd", exs, common.verify_arith, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
         for e, fn in ESTIMATORS.items():
             model.zero_grad(set_to_none=True)
             ts.kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, fn)
@@ -474,7 +466,9 @@ def main(argv):
     if given.get("init_from", "scratch") != "scratch" or given.get("task", "arith") != "arith":
         common.die("the experiments run on the toy task: --init_from=scratch --task=arith")
     CLI.update(given)
-    ts.settings(**{**start(), **CLI})  # check the command line before anything runs
+    cfg = ts.settings(**{**start(), **CLI})  # check the command line before anything runs
+    if "ood" in names:
+        ood_sets(cfg.data_seed, cfg.n_eval)
     os.makedirs(cache_dir, exist_ok=True)
     for name in names:
         t0 = time.time()
