@@ -579,7 +579,7 @@ def bench_gpu(tiny=False):
                     sync()
                     t0 = time.perf_counter()
                     opt.zero_grad(set_to_none=True)
-                    ts.kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, estimator)
+                    ts.kl_backward(cfg, caopd.Distiller(model, teacher), prompts, completions, teacher_prompts, estimator)
                     opt.step()
                     sync()
                 row["step_s"] = time.perf_counter() - t0

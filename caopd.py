@@ -550,6 +550,34 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     with torch.autocast(device, enabled=False):  # its products are cast explicitly
         return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size), mm)
 
+class Distiller(nn.Module):
+    """The student and its teacher, and a forward that returns the loss, as nanoGPT's model(x, y)
+    returns its loss: the data-parallel engines (DistributedDataParallel, FSDP2) average the
+    gradient of what happens inside the forward of the module they wrap, so the loss must be there."""
+
+    def __init__(self, student, teacher, kind="reverse", beta=0.5):
+        super().__init__()
+        self.student, self.teacher, self.kind, self.beta = student, teacher, kind, beta
+
+    def forward(self, prompts, completions, teacher_prompts, weight, estimator=None):
+        """weight (B, L): each completion position's share of the loss (0 = not counted) -> the
+        weighted mean divergence over the positions. estimator: None (fused_linear_kl) or another
+        function of fused_linear_kl's arguments plus the completion tokens (experiments.py)."""
+        hs, _ = completion_hidden(self.student, prompts, completions)  # (B, L', C)
+        with torch.no_grad():  # the same completion tokens after the teacher's prompt
+            ht, _ = completion_hidden(self.teacher, teacher_prompts, completions)
+        w = weight[:, :hs.shape[1]]  # (B, L'): L' is these rows' longest completion
+        args = (hs.flatten(0, 1), output_weight(self.student), ht.flatten(0, 1), output_weight(self.teacher),
+                w.flatten())
+        if estimator is None:
+            return fused_linear_kl(*args, kind=self.kind, beta=self.beta)
+        tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions], device=hs.device)
+        return estimator(*args, tokens.flatten())
+
+    def sample(self, prompts, *args, **kwargs):
+        """sample() from the student (FSDP2 runs this like forward: see parallel.wrap)."""
+        return sample(self.student, prompts, *args, **kwargs)
+
 # -----------------------------------------------------------------------------
 # Metrics: one answer per question, its verdict and its stated confidence
 

@@ -27,9 +27,9 @@ import tiktoken
 import torch
 
 import caopd
+import parallel
 from data import arith, tasks
-
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets these
+from parallel import RANK, WORLD
 
 # -----------------------------------------------------------------------------
 # errors and settings
@@ -234,38 +234,41 @@ def write_atomic(path, data, mode="w"):
 
 def load_checkpoint(path):
     """torch.load with weights_only=True (tensors and plain containers, no pickled code), and a
-    clear error for a missing, truncated or corrupt file."""
+    clear error for a missing, truncated or corrupt file. Memory-mapped: the processes of a node
+    share one copy of the file in memory, and each takes what it needs from it."""
     if not os.path.exists(path):
         die(f"{path}: no checkpoint to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated zip, a pickle that is not ours, ...: all mean the same here
         die(f"{path}: the checkpoint is truncated or corrupt ({type(e).__name__}); delete it to start over")
 
 def save_checkpoint(cfg, tok, stage, step, model, teacher, opt, rng, bad, skipped, quiet=False):
-    """out_dir/ckpt.pt: everything a resumed run needs to continue bit for bit. Rank 0 only. A
-    Hugging Face model is also exported, whole, to out_dir/hf."""
+    """out_dir/ckpt.pt: everything a resumed run needs to continue bit for bit, whole (under FSDP2
+    every process takes part in gathering the shards; rank 0 writes). A Hugging Face model is also
+    exported, whole, to out_dir/hf."""
+    state = {"model": parallel.full_state(model), "teacher": None if teacher is None else parallel.full_state(teacher),
+             "optimizer": parallel.full_optimizer_state(model, opt)}
     if RANK != 0:
         return
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     write_atomic(path, {
-        "stage": stage, "step": step, "config": vars(cfg), "model": model.state_dict(),
-        "teacher": None if teacher is None else teacher.state_dict(), "optimizer": opt.state_dict(),
+        "stage": stage, "step": step, "config": vars(cfg), **state,
         "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "bad_steps": bad, "skipped": skipped}, "wb")
     if cfg.init_from != "scratch":
-        export_hf(model, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype)
+        export_hf(model, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype, state["model"])
     if not quiet:
         from tqdm import tqdm
         tqdm.write(f"checkpoint: {stage} step {step} -> {path}")
 
 def restore(ck, model, teacher, opt, rng):
     """The state save_checkpoint wrote, back in place. Returns (step, bad steps in a row, skipped)."""
-    model.load_state_dict(ck["model"])
+    parallel.load_full_state(model, ck["model"])
     if teacher is not None:
-        teacher.load_state_dict(ck["teacher"])
-    opt.load_state_dict(ck["optimizer"])
+        parallel.load_full_state(teacher, ck["teacher"])
+    parallel.load_optimizer_state(model, opt, ck["optimizer"])
     rng.setstate(ck["rng"]["python"])
     torch.set_rng_state(ck["rng"]["torch"])
     if ck["rng"]["cuda"] and torch.cuda.is_available():
@@ -402,9 +405,12 @@ def check_lengths(cfg, tok, held, context):
 # -----------------------------------------------------------------------------
 # models: our GPT from scratch, or a Hugging Face causal LM and its tokenizer
 
-def load_model(cfg):
+def load_model(cfg, dtype=torch.float32):
     """(model, tokenizer, context length, dtype of the model's files): our GPT and the toy
-    tokenizer, or a Hugging Face causal LM (float32 weights) and its tokenizer."""
+    tokenizer, or a Hugging Face causal LM (float32 weights; tests ask for float64) and its
+    tokenizer. Under FSDP2 (cfg.fsdp) only rank 0 reads the weights; the other processes build the
+    model on the meta device (no memory), every decoder layer is sharded, and each process
+    receives its part from rank 0: a node holds one model in host memory, not one per process."""
     if cfg.init_from == "scratch":
         enc = caopd.toy_tokenizer(arith.VOCAB_TEXT)
         gpt = caopd.GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -417,19 +423,39 @@ def load_model(cfg):
     try:
         tok = AutoTokenizer.from_pretrained(cfg.init_from)
         # float32 master weights whatever the files hold (Qwen3's are bfloat16): see autocast()
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=dtype) if RANK == 0 or not cfg.fsdp else None
+        config = AutoConfig.from_pretrained(cfg.init_from)
     except (OSError, ValueError) as e:
         die(f"--init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor a loadable Hugging Face model "
             f"({str(e).strip().splitlines()[0][:200]})")
     if tok.eos_token_id is None:
         die(f"--init_from={cfg.init_from!r}: the tokenizer has no eos token to end completions with")
+    if cfg.fsdp:
+        source, model = model, empty_like_model(cfg, config, dtype)
+        if not parallel.decoder_layers(model):
+            die(f"--fsdp=True: {type(model).__name__} ({cfg.init_from}) names no decoder layers to shard "
+                f"(_no_split_modules); run it without --fsdp")
+        parallel.load_full_state(model, source.state_dict() if RANK == 0 else {}, broadcast=True)
+        parallel.broadcast_buffers(model, source)  # rotary tables: not in a state dict
+        del source
     if cfg.grad_checkpoint and not model.supports_gradient_checkpointing:
         die(f"--grad_checkpoint=True: {type(model).__name__} ({cfg.init_from}) does not support gradient checkpointing")
     if not getattr(tok, "chat_template", None):
         print(f"{cfg.init_from}: no chat template, prompts are plain text")
-    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    files = AutoConfig.from_pretrained(cfg.init_from).dtype or torch.float32  # what the files hold
+    context = getattr(config, "max_position_embeddings", None) or 1 << 30
+    files = config.dtype or torch.float32  # what the files hold
     return model.to(cfg.device), tok, context, str(files).removeprefix("torch.")
+
+def empty_like_model(cfg, model_or_config, dtype=None):
+    """A Hugging Face model of the same config, decoder layers sharded (FSDP2), memory on cfg.device
+    left uninitialized: built on the meta device, so no process ever holds a whole unsharded copy."""
+    from transformers import AutoModelForCausalLM
+    config = getattr(model_or_config, "config", model_or_config)
+    dtype = dtype or next(model_or_config.parameters()).dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    parallel.shard_layers(model)
+    return model.to_empty(device=cfg.device)
 
 def set_grad_checkpoint(model, on):
     """Gradient checkpointing on or off: per block for our GPT, the model's own for Hugging Face's."""
@@ -445,14 +471,16 @@ def set_grad_checkpoint(model, on):
     else:
         model.gradient_checkpointing_disable()
 
-def export_hf(model, tok, path, dtype):
+def export_hf(model, tok, path, dtype, state=None):
     """save_pretrained (safetensors) of a Hugging Face student and its tokenizer in dtype (the
     float32 master weights cast on the way out), swapped in whole: `path` always holds a complete
-    model."""
+    model. state: the model's whole state dict where it is not model.state_dict() (FSDP2's shards,
+    gathered)."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     cast = {}  # tensor -> its cast copy: tied weights stay one tensor
-    state = {k: cast.setdefault(id(v), v.detach().to(getattr(torch, dtype))) for k, v in model.state_dict().items()}
+    state = {k: cast.setdefault(id(v), v.detach().to(getattr(torch, dtype)))
+             for k, v in (model.state_dict() if state is None else state).items()}
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     config = json.load(open(os.path.join(tmp, "config.json")))
     config["dtype"] = dtype  # save_pretrained writes the dtype of the model in memory

@@ -99,13 +99,13 @@ def trained(cfg, tok, start, start_name, method, sample_train, data="+*", estima
         print(f"reusing {method} model {path}")
         return model, os.path.basename(path), saved["entropy"]
     log = []
-    ts.distill(cfg, model, tok, method, sample_train, common.verify_arith, estimator=ESTIMATORS[estimator],
+    ts.distill(cfg, ts.distiller(cfg, model), tok, method, sample_train, common.verify_arith, estimator=ESTIMATORS[estimator],
                on_log=lambda *a: log.append(entropy_stats(tok, *a)))
     common.write_atomic(path, {"model": model.state_dict(), "settings": settings, "entropy": log}, "wb")
     return model, os.path.basename(path), log
 
 def evaluate(cfg, tok, model, name, held):
-    return ts.evaluate(cfg, model, tok, name, held, common.verify_arith)
+    return ts.evaluate(cfg, caopd.Distiller(model, None), tok, name, held, common.verify_arith)
 
 # -----------------------------------------------------------------------------
 # estimators of the reverse KL and the entropy, for the ablations below
@@ -373,15 +373,15 @@ def gradient_noise(cfg, tok, model, sample_train):
     each, the gradient of every estimator on the same rollouts. Returns per estimator: the trace
     of the gradients' covariance across batches, the mean squared distance to the full-vocabulary
     gradient of the same batch, the mean cosine to it, and the cosine of the mean gradients."""
-    teacher = copy.deepcopy(model).requires_grad_(False)
+    net = ts.distiller(cfg, model)  # the student and a frozen copy, its teacher
     rng, grads = random.Random(cfg.seed + 2), {e: [] for e in ESTIMATORS}
     for b in range(grad_batches):
         exs = sample_train(rng, cfg.prompts_per_step)
         prompts, completions, teacher_prompts, *_ = ts.rollout_batch(
-            cfg, model, tok, "caopd", exs, common.verify_arith, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
+            cfg, net, tok, "caopd", exs, common.verify_arith, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
         for e, fn in ESTIMATORS.items():
             model.zero_grad(set_to_none=True)
-            ts.kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, fn)
+            ts.kl_backward(cfg, net, prompts, completions, teacher_prompts, fn)
             grads[e].append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
     G = {e: torch.stack(g) for e, g in grads.items()}  # (batches, parameters)
     cos = torch.nn.functional.cosine_similarity

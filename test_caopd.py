@@ -404,7 +404,7 @@ def test_caopd_rollout_with_a_markdown_label_is_reencoded_with_one_confidence_li
     monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
     verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
     _, completions, teacher_prompts, texts, correct, p_acc = train_small.rollout_batch(
-        cfg, None, ENC, "caopd", [ex], verify, 0, (0, 2))
+        cfg, caopd.Distiller(None, None), ENC, "caopd", [ex], verify, 0, (0, 2))
     assert texts == said and correct == [True, False] and p_acc == [0.5]
     assert [ENC.decode(c[:-1]) for c in completions] == ["Answer: 0322\nConfidence: 0.5", "Answer: 0321\nConfidence: 0.5"]
     assert all(c[-1] == ENC.eot_token and ENC.decode(c[-2:-1]) == " 0.5" for c in completions)  # one value token
@@ -691,7 +691,7 @@ def test_evaluate_reports_both_tool_use_scores(monkeypatch):
     monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
     cfg = train_small.settings(init_from="unused", task="tooluse")
     verify = lambda ex, text: tasks.verify_tooluse(ex["answer"], text)
-    m, records = train_small.evaluate(cfg, None, ENC, "caopd", [two] * 3, verify)
+    m, records = train_small.evaluate(cfg, caopd.Distiller(None, None), ENC, "caopd", [two] * 3, verify)
     assert [r["correct"] for r in records] == [True, True, False]
     assert [r["correct_all_calls"] for r in records] == [True, False, False]
     assert [r["confidence"] for r in records] == [0.9, 0.6, 0.2]
@@ -1230,7 +1230,7 @@ def test_hf_prompt_cache_gives_the_states_of_whole_sequences(exact_rmsnorm):
 def _kl_grads(cfg, model, teacher, prompts, completions, teacher_prompts):
     import train_small
     model.zero_grad()
-    loss = train_small.kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts)
+    loss = train_small.kl_backward(cfg, caopd.Distiller(model, teacher), prompts, completions, teacher_prompts)
     return loss.item(), [p.grad.clone() for p in model.parameters()]
 
 @pytest.mark.parametrize("hf", [False, True])
@@ -1275,7 +1275,8 @@ def test_rollouts_in_several_calls_are_the_same_rollouts():
     held, sample_train = arith.split(0, 10)
     exs = held[:5]
     verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
-    runs = [train_small.rollout_batch(train_small.settings(rollout_batch=mb, temperature=1.0), model, tok, "caopd", exs,
+    runs = [train_small.rollout_batch(train_small.settings(rollout_batch=mb, temperature=1.0), caopd.Distiller(model, None),
+                                      tok, "caopd", exs,
                                       verify, 7, (0, 40)) for mb in (0, 3, 8)]
     for r in runs[1:]:
         assert r[1] == runs[0][1] and r[3] == runs[0][3]  # completions, texts

@@ -24,14 +24,15 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import caopd
 import common
+import parallel
 import toy_base
 from data import tasks
-from common import RANK, WORLD, decode, student_tokens, teacher_tokens
+from common import decode, student_tokens, teacher_tokens
+from parallel import RANK, WORLD
 
 # -----------------------------------------------------------------------------
 # settings: every global in this block is a setting, overridden as --key=value (the type must
@@ -107,6 +108,8 @@ rollout_batch = 0          # rollouts per sampling call; 0 = all of a step. Thei
                            # calls are faster (each decoding step reads the weights once per call)
 grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
+fsdp = False               # under torchrun: shard weights, gradients and AdamW's state across the processes
+                           # (FSDP2) instead of holding the whole model in each (DistributedDataParallel)
 log_every = 25             # steps between printed lines
 eval_every = 0             # steps between held-out evaluations during distillation (0 = only at the end)
 # -----------------------------------------------------------------------------
@@ -163,19 +166,37 @@ def check_settings(cfg):
         (c.micro_batch >= 0, "micro_batch", "must be >= 0 (0 = every sequence of a step at once)"),
         (c.rollout_batch >= 0, "rollout_batch", "must be >= 0 (0 = every rollout of a step at once)"),
         (c.prompts_per_step % WORLD == 0, "prompts_per_step", f"must be divisible by the {WORLD} processes"),
+        (not c.fsdp or WORLD > 1, "fsdp", "shards a model across processes: run under torchrun --nproc_per_node=N"),
+        (not c.fsdp or c.init_from != "scratch", "fsdp",
+         "shards a Hugging Face model's decoder layers; the toy GPT runs under DDP (drop --fsdp)"),
     ], cfg)
 
 # -----------------------------------------------------------------------------
 # stage 1: on-policy distillation, OPD or CaOPD
 
-def all_mean(t):
-    """The mean of a tensor over the data-parallel processes (itself with one process)."""
-    if WORLD > 1:
-        dist.all_reduce(t)
-        t /= WORLD
-    return t
+def distiller(cfg, model):
+    """The student `model`, its teacher (a copy: frozen, or the EMA of the student) and the loss,
+    as one module (caopd.Distiller), wrapped for several processes where there are (parallel.wrap)."""
+    if cfg.fsdp:  # a copy shaped and sharded like the student (an EMA teacher updates shard by shard)
+        teacher = common.empty_like_model(cfg, model)
+        with torch.no_grad():
+            for t, s in zip([*teacher.parameters(), *teacher.buffers()], [*model.parameters(), *model.buffers()]):
+                t.copy_(s)
+    elif cfg.dtype == "bfloat16" and cfg.ema_rate == 0:  # a frozen teacher needs no float32 master weights
+        teacher = common.frozen_copy(model, torch.bfloat16)
+    else:  # an EMA teacher's small updates need float32, like the student's
+        teacher = copy.deepcopy(model)
+    net = caopd.Distiller(model, teacher.requires_grad_(False), cfg.loss, cfg.jsd_beta)
+    return parallel.wrap(net, cfg.fsdp, cfg.device)
 
-def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
+@torch.no_grad()
+def reset_teacher(net):
+    """The teacher becomes a copy of the student again (each method starts from the base)."""
+    d = parallel.inner(net)
+    for t, s in zip(d.teacher.parameters(), d.student.parameters()):
+        t.copy_(s)
+
+def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
     """Steps 1-3 of a distillation step for this process's questions exs: K rollouts each, their
     verdicts and P_acc, then the training completions and the teacher's prompts.
     Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc)."""
@@ -186,11 +207,12 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
     rendered = [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs]  # each question rendered once
     prompts = [p for p in rendered for _ in range(K)]
     rollouts, mb = [], cfg.rollout_batch or len(prompts)
-    for a in range(0, len(prompts), mb):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        with common.autocast(cfg):
-            rollouts += caopd.sample(model, prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature, cfg.top_k,
-                                     gen, rows=(rows[0] + a, rows[1]))
+    with parallel.gathered(net):
+        for a in range(0, len(prompts), mb):
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            with common.autocast(cfg):
+                rollouts += parallel.inner(net).sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature,
+                                                       cfg.top_k, gen, rows=(rows[0] + a, rows[1]))
     texts = [decode(tok, r) for r in rollouts]
     # 2. verify them; P_acc per prompt
     correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
@@ -216,14 +238,15 @@ def rollout_batch(cfg, model, tok, method, exs, verify, step, rows):
         teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note, cfg.enable_thinking)] * K
     return prompts, completions, teacher_prompts, texts, correct, p_acc
 
-def kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, estimator=None):
+def kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator=None):
     """Step 4 and its backward pass: the per-token divergence to the teacher on the same completion
-    tokens, averaged over a sequence's tokens, then over sequences; gradients accumulate in model.
-    micro_batch sequences at a time: each chunk's mean is weighted by its share of the step's
-    sequences, so loss and gradient are those of the whole step, and no more than a chunk's
-    activations (and teacher states) are alive at once. estimator: None (the fused full-vocabulary
-    loss) or a function of its arguments plus the completion tokens (experiments.py compares some).
+    tokens, averaged over a sequence's tokens, then over sequences; gradients accumulate in the
+    student. micro_batch sequences at a time: each chunk's mean is weighted by its share of the
+    step's sequences, so loss and gradient are those of the whole step, and no more than a chunk's
+    activations (and teacher states) are alive at once; under several processes only the last
+    chunk synchronizes the gradients. estimator: see caopd.Distiller.forward.
     Returns the step's loss (a 0-dim tensor)."""
+    model = parallel.inner(net).student
     device = caopd.output_weight(model).device
     lens = torch.tensor([len(c) for c in completions], device=device)
     j = torch.arange(int(lens.max()), device=device)
@@ -233,35 +256,25 @@ def kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, esti
     checkpointing = cfg.grad_checkpoint and not isinstance(model, caopd.GPT)
     for a in range(0, len(prompts), mb):
         b = slice(a, a + mb)
-        model.train(checkpointing)  # a Hugging Face model checkpoints only in train mode (dropout: see README)
-        with common.autocast(cfg):
-            hs, _ = caopd.completion_hidden(model, prompts[b], completions[b])  # (mb, L', C)
-            with torch.no_grad():
-                ht, _ = caopd.completion_hidden(teacher, teacher_prompts[b], completions[b])
-            w = weight[b, :hs.shape[1]]  # (mb, L'): L' is the chunk's longest completion
-            args = (hs.flatten(0, 1), caopd.output_weight(model), ht.flatten(0, 1), caopd.output_weight(teacher),
-                    w.flatten())
-            if estimator is None:
-                kl = caopd.fused_linear_kl(*args, kind=cfg.loss, beta=cfg.jsd_beta)
-            else:
-                tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions[b]], device=device)
-                kl = estimator(*args, tokens.flatten())
-            kl = kl * (w.sum(dtype=torch.float64) / total).to(kl.dtype)  # this chunk's share of the step's mean (1 in one)
-        kl.backward()
+        w = weight[b, :max(map(len, completions[b]))]  # (mb, L'): L' is the chunk's longest completion
+        model.train(checkpointing)  # a Hugging Face model checkpoints only in train mode (it has no dropout)
+        with parallel.no_sync(net, last=a + mb >= len(prompts)):  # the engines see the loss in net's forward
+            with common.autocast(cfg):
+                kl = net(prompts[b], completions[b], teacher_prompts[b], w, estimator)
+                kl = kl * (w.sum(dtype=torch.float64) / total).to(kl.dtype)  # the chunk's share of the step's mean
+            kl.backward()
         model.eval()
         loss += kl.detach()
     return loss
 
-def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, estimator=None, on_log=None):
-    """Stage 1 on model, in place; returns the number of skipped (non-finite) updates.
-    held: the held-out questions, evaluated every eval_every steps. estimator: see kl_backward.
-    on_log(step, model, teacher, prompts, completions, teacher_prompts): called every log_every
-    steps before the update (experiments.py logs entropies with it)."""
+def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, estimator=None, on_log=None):
+    """Stage 1 on net's student, in place (net: distiller()); returns the number of skipped
+    (non-finite) updates. held: the held-out questions, evaluated every eval_every steps.
+    estimator: see kl_backward. on_log(step, model, teacher, prompts, completions, teacher_prompts):
+    called every log_every steps before the update (experiments.py logs entropies with it)."""
     rng = random.Random(cfg.seed + 1)  # OPD and CaOPD see the same questions
-    if cfg.dtype == "bfloat16" and cfg.ema_rate == 0:  # a frozen teacher needs no float32 master weights
-        teacher = common.frozen_copy(model, torch.bfloat16)
-    else:  # an EMA teacher's small updates need float32, like the student's
-        teacher = copy.deepcopy(model).requires_grad_(False)
+    model, teacher = parallel.inner(net).student, parallel.inner(net).teacher
+    device = caopd.output_weight(model).device
     common.set_grad_checkpoint(model, cfg.grad_checkpoint)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, bad, skipped = common.restore(ck, model, teacher, opt, rng) if ck else (0, 0, 0)
@@ -275,18 +288,15 @@ def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, e
             g["lr"] = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         exs = sample_train(rng, cfg.prompts_per_step)[RANK * n:RANK * n + n]
         prompts, completions, teacher_prompts, texts, correct, p_acc = rollout_batch(
-            cfg, model, tok, method, exs, verify, step, (RANK * n * cfg.K, cfg.prompts_per_step * cfg.K))
+            cfg, net, tok, method, exs, verify, step, (RANK * n * cfg.K, cfg.prompts_per_step * cfg.K))
         if on_log is not None and step % cfg.log_every == 0:
             on_log(step, model, teacher, prompts, completions, teacher_prompts)
         opt.zero_grad(set_to_none=True)
-        kl = kl_backward(cfg, model, teacher, prompts, completions, teacher_prompts, estimator)
-        for p in model.parameters():  # what DistributedDataParallel does: average the gradients
-            if WORLD > 1 and p.grad is not None:
-                all_mean(p.grad)
+        kl = kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator)  # gradients averaged over processes
         stated = [c for c in map(caopd.parse_confidence, texts) if c is not None]
-        stats = all_mean(torch.tensor([kl.item(), sum(correct) / len(correct), sum(p_acc) / len(p_acc),
-                                       sum(stated) / max(1, len(stated)), len(stated) / len(texts)], dtype=torch.float64))
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        stats = parallel.all_mean([kl.item(), sum(correct) / len(correct), sum(p_acc) / len(p_acc),
+                                   sum(stated) / max(1, len(stated)), len(stated) / len(texts)], device)
+        norm = parallel.local_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if not (math.isfinite(stats[0]) and torch.isfinite(norm)):  # skip the update, keep the last good state
             bad, skipped = bad + 1, skipped + 1
             tqdm.write(f"warning: {method} step {step}: non-finite {'loss' if not math.isfinite(stats[0]) else 'gradient'}"
@@ -302,10 +312,11 @@ def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, e
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             tqdm.write(f"{method:5s} step {step:4d} | {cfg.loss} KL {stats[0]:.4f} | rollout acc {stats[1]:.3f}"
                        f" | P_acc {stats[2]:.3f} | stated conf {stats[3]:.3f} | format {stats[4]:.2f} | {time.time() - t0:.1f}s")
-        if held and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and RANK == 0:
-            m, _ = evaluate(cfg, model, tok, method, held, verify)
-            tqdm.write(f"{method:5s} step {step + 1:4d} | held-out acc {m['accuracy']:.3f} | conf {m['mean_confidence']:.3f}"
-                       f" | ECE {m['ece']:.3f} | OCG {m['ocg']:+.3f} | SPR {m['spr']:.3f} | AUROC {m['auroc']:.3f}")
+        if held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            m, _ = evaluate(cfg, net, tok, method, held, verify)  # every process scores its share
+            if RANK == 0:
+                tqdm.write(f"{method:5s} step {step + 1:4d} | held-out acc {m['accuracy']:.3f} | conf {m['mean_confidence']:.3f}"
+                           f" | ECE {m['ece']:.3f} | OCG {m['ocg']:+.3f} | SPR {m['spr']:.3f} | AUROC {m['auroc']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             common.save_checkpoint(cfg, tok, method, step + 1, model, teacher, opt, rng, bad, skipped)
     common.save_checkpoint(cfg, tok, method, cfg.steps, model, teacher, opt, rng, bad, skipped)
@@ -316,23 +327,29 @@ def distill(cfg, model, tok, method, sample_train, verify, ck=None, held=None, e
 # evaluation: greedy answers to the held-out questions, student prompt only
 
 @torch.no_grad()
-def evaluate(cfg, model, tok, name, held, verify):
-    """(metrics, one record per question). The same parser and verifier as training."""
+def evaluate(cfg, net, tok, name, held, verify):
+    """(metrics, one record per question) of net's student, on rank 0 ((None, None) elsewhere): each
+    process answers its share of the questions, rank 0 gathers them. The same parser and verifier
+    as training."""
+    texts, mine = [], held[parallel.my_slice(len(held))]
+    with parallel.gathered(net):
+        for i in tqdm(range(0, len(mine), cfg.eval_batch), desc=f"eval {name}", leave=False, disable=RANK != 0):
+            exs = mine[i:i + cfg.eval_batch]
+            with common.autocast(cfg):
+                completions = parallel.inner(net).sample([student_tokens(tok, ex, cfg.enable_thinking) for ex in exs],
+                                                         cfg.max_new_tokens, common.end_id(tok), temperature=0)
+            texts += [decode(tok, r) for r in completions]
+    texts = parallel.gather(texts)  # rank order is the questions' order
+    if RANK != 0:
+        return None, None
     records = []
-    for i in tqdm(range(0, len(held), cfg.eval_batch), desc=f"eval {name}", leave=False, disable=RANK != 0):
-        exs = held[i:i + cfg.eval_batch]
-        with common.autocast(cfg):
-            completions = caopd.sample(model, [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs],
-                                       cfg.max_new_tokens,
-                                       common.end_id(tok), temperature=0)
-        for ex, r in zip(exs, completions):
-            text = decode(tok, r)
-            records.append({"model": name, "id": ex["id"], "answer": ex["answer"], "completion": text,
-                            "correct": verify(ex, text), "confidence": caopd.parse_confidence(text)})
-            if cfg.task == "tooluse":  # also every golden call, as the authors' eval_tooluse.py scores it
-                records[-1]["correct_all_calls"] = tasks.verify_tooluse_all_calls(ex["answer"], text)
-            if "kind" in ex:
-                records[-1]["kind"] = ex["kind"]
+    for ex, text in zip(held, texts):
+        records.append({"model": name, "id": ex["id"], "answer": ex["answer"], "completion": text,
+                        "correct": verify(ex, text), "confidence": caopd.parse_confidence(text)})
+        if cfg.task == "tooluse":  # also every golden call, as the authors' eval_tooluse.py scores it
+            records[-1]["correct_all_calls"] = tasks.verify_tooluse_all_calls(ex["answer"], text)
+        if "kind" in ex:
+            records[-1]["kind"] = ex["kind"]
     stated = [r["confidence"] or 0.0 for r in records]
     metrics = caopd.calibration_metrics([r["correct"] for r in records], stated)
     metrics["format_rate"] = sum(r["confidence"] is not None for r in records) / len(records)
@@ -383,12 +400,7 @@ def main(argv):
     else:
         cfg = settings(**given)
     common.check_not_locked(cfg.out_dir)
-    cfg.device = common.resolve_device(cfg.device)
-    if WORLD > 1:  # torchrun: nccl on CUDA, gloo on CPU
-        dist.init_process_group(backend="nccl" if cfg.device == "cuda" else "gloo")
-        if cfg.device == "cuda":
-            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(cfg.device)
+    cfg.device = parallel.init(common.resolve_device(cfg.device))  # torchrun: each process its GPU
     cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
     torch.set_num_threads(cfg.threads)
     files = None if cfg.task == "arith" else common.read_task_files(cfg)
@@ -420,34 +432,37 @@ def main(argv):
         toy_base.cached_base(cfg, base, tok, sample_train, cfg.out_dir, ck if at == 0 else None)
     seconds["base"], seconds["eval"], results = time.time() - t0, 0.0, {}
 
-    def evaluated(name, model):  # each model is scored as soon as it exists (rank 0): then only one is kept
+    def evaluated(name):  # each model is scored as soon as it exists (by all processes): then only one is kept
         t0 = time.time()
-        if RANK == 0:
-            results[name] = evaluate(cfg, model, tok, name, held, verify)
+        results[name] = evaluate(cfg, net, tok, name, held, verify)
         seconds["eval"] += time.time() - t0
 
-    evaluated("base", base)
-    start = {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()}  # every method starts from it
-    model = base  # one model in memory: a method's student is the base's weights, loaded again
+    net = distiller(cfg, base)  # the student is the base; one model (and its teacher) in memory
+    evaluated("base")
+    # every method starts from the base's weights (under FSDP2 each process keeps its own shards)
+    start = {k: v.detach().clone() if cfg.fsdp else v.to("cpu", copy=True) for k, v in base.state_dict().items()}
+    model = base
     for m in methods:
         t0 = time.time()
         i, path = stages.index(m), os.path.join(cfg.out_dir, f"{m}.pt")
         if i < at:  # finished before the interruption
             saved = common.load_checkpoint(path)
-            model.load_state_dict(saved["model"])
+            parallel.load_full_state(model, saved["model"])
             skipped[m] = saved["skipped"]
         else:
             model.load_state_dict(start)
-            skipped[m] = distill(cfg, model, tok, m, sample_train, verify, ck if i == at else None, held=held)
+            reset_teacher(net)
+            skipped[m] = distill(cfg, net, tok, m, sample_train, verify, ck if i == at else None, held=held)
+            state = parallel.full_state(model)  # gathered on rank 0 under FSDP2
             if RANK == 0:
-                common.write_atomic(path, {"model": model.state_dict(), "config": vars(cfg), "skipped": skipped[m]}, "wb")
+                common.write_atomic(path, {"model": state, "config": vars(cfg), "skipped": skipped[m]}, "wb")
                 if cfg.init_from != "scratch":
                     common.export_hf(model, tok, os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}"),
-                                     cfg.export_dtype)
+                                     cfg.export_dtype, state)
         seconds[m] = time.time() - t0
-        evaluated(m, model)
+        evaluated(m)
     if RANK != 0:
-        dist.destroy_process_group()
+        parallel.close()
         return
     common.report(results)
 
@@ -459,8 +474,7 @@ def main(argv):
                       {"config": vars(cfg), "models": {n: m for n, (m, _) in results.items()},
                        "skipped_updates": skipped, "seconds": seconds})
     print(f"\nwrote {cfg.out_dir}/results.json, reliability.png, completions.jsonl in {seconds['total']:.0f}s")
-    if WORLD > 1:
-        dist.destroy_process_group()
+    parallel.close()
 
 if __name__ == "__main__":
     main(sys.argv[1:])
