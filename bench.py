@@ -28,6 +28,7 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
     python bench.py --memory        # a step's peak memory against prompts per step, micro-batches: ~5 minutes
     python bench.py --real          # Qwen3-0.6B's shapes on the CPU, and what fits on a GPU: ~25 minutes
     python bench.py --gpu           # on a CUDA GPU: the paper's settings at Qwen3-0.6B's shapes
+    python bench.py --fsdp          # 2 processes (gloo): peak memory per process, FSDP2 against DDP: ~3 minutes
 
 Timings on a shared machine are noisy: compare the ratios, which are measured side by side.
 """
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -676,6 +678,78 @@ def markdown(loss, sampler, targets):
     L += [f"| {t['target']} | {t['value']:.3f} | {'PASS' if t['pass'] else 'FAIL'} |" for t in targets]
     return "\n".join(L)
 
+def load_worker(model_dir, fsdp):
+    """Under torchrun: load model_dir as train_small.py does; print this process's resident memory."""
+    import common
+    import parallel
+    cfg = SimpleNamespace(init_from=model_dir, fsdp=fsdp == "True", device=parallel.init("cpu"), grad_checkpoint=False)
+    before = rss_bytes()  # torch, transformers and the process group, before any weight
+    model = common.load_model(cfg)[0]
+    print(f"rank {parallel.RANK}: {rss_bytes() / 2**20:.0f} MiB resident, peak {peak_rss_bytes() / 2**20:.0f} MiB after "
+          f"loading {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {before / 2**20:.0f} MiB before",
+          flush=True)
+    parallel.close()
+
+def peak_per_rank(cmd, marker):
+    """Run a torchrun command; returns {rank: peak resident MiB (VmHWM)} of its training processes
+    (those whose command line holds `marker`), read from /proc while they run."""
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    peaks, lines = {}, []
+    reader = __import__("threading").Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
+    while p.poll() is None:
+        for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+            try:
+                if marker.encode() not in open(f"/proc/{pid}/cmdline", "rb").read():
+                    continue
+                env = dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
+                hwm = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM"))
+            except (OSError, StopIteration):  # ended meanwhile
+                continue
+            if b"RANK" in env:
+                rank = int(env[b"RANK"])
+                peaks[rank] = max(peaks.get(rank, 0), hwm / 1024)
+        time.sleep(0.2)
+    reader.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{''.join(lines)[-3000:]}")
+    return peaks, "".join(lines)
+
+def bench_fsdp():
+    """Each of 2 processes' peak resident memory (gloo, one thread each) while training a Llama of
+    width 1024 and 8 layers (CaOPD, 2 steps on the toy task), under FSDP2 against DDP; and each
+    process's memory right after loading the model (its files in bfloat16, as Qwen3's are).
+    FSDP2's processes hold half of the weights, gradients, AdamW state and teacher; under DDP
+    each holds all of them. Rank 0 also gathers the whole model and optimizer to write ckpt.pt."""
+    from transformers import LlamaConfig
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        params = make_hf(tmp, LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
+                                          num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048),
+                         dtype=torch.bfloat16)
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        for fsdp in (False, True):
+            out, _ = run_measured(run + [__file__, "--worker=load", f"--save={tmp}", f"--compare={fsdp}"],
+                                  env={"OMP_NUM_THREADS": "1"})
+            loaded = {int(line.split()[1][:-1]): (float(line.split()[6]), float(line.split()[-3])) for line in out.splitlines()
+                      if line.startswith("rank ") and "resident" in line}  # rank -> (peak, before loading)
+            with tempfile.TemporaryDirectory() as out_dir:
+                cmd = run + [os.path.join(HERE, "train_small.py"), f"--init_from={tmp}", "--task=arith", "--method=caopd",
+                             "--n_eval=4", "--steps=2", "--prompts_per_step=2", "--K=8", "--max_new_tokens=16",
+                             "--ckpt_every=1000", f"--fsdp={fsdp}", f"--out_dir={out_dir}"]
+                peaks, _ = peak_per_rank(cmd, out_dir)
+            name = "fsdp" if fsdp else "ddp"
+            rows[name] = {"train_peak_mib": peaks, "load_peak_mib": loaded}
+            print(f"  {'FSDP2' if fsdp else 'DDP  '}: loading {loaded[0][0] - loaded[0][1]:.0f} / "
+                  f"{loaded[1][0] - loaded[1][1]:.0f} MiB above the {loaded[0][1]:.0f} MiB before it (rank 0 / 1),"
+                  f" peak of the run {peaks[0]:.0f} / {peaks[1]:.0f} MiB", flush=True)
+    rows["params"] = params
+    rows["ratio_rank1"] = rows["fsdp"]["train_peak_mib"][1] / rows["ddp"]["train_peak_mib"][1]
+    print(f"  {params / 1e6:.0f}M parameters ({params * 4 / 2**20:.0f} MiB in float32); FSDP2 / DDP peak of rank 1: "
+          f"{rows['ratio_rank1']:.2f}x", flush=True)
+    return rows
+
 def machine_info():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -706,6 +780,9 @@ def main_real_models(args):
     if args.gpu:
         print("the paper's settings at Qwen3-0.6B's shapes on the GPU:", flush=True)
         report["gpu"] = bench_gpu(args.tiny)
+    if args.fsdp:
+        print("2 processes (gloo), a Llama of width 1024 and 8 layers: FSDP2 against DDP:", flush=True)
+        report["fsdp"] = bench_fsdp()
     report["elapsed_s"] = time.time() - t0
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
@@ -735,7 +812,7 @@ def markdown_real(real, fits):
     return "\n".join(L)
 
 def main(args):
-    if args.precision or args.memory or args.real or args.gpu:
+    if args.precision or args.memory or args.real or args.gpu or args.fsdp:
         return main_real_models(args)
     t0 = time.time()
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -776,11 +853,13 @@ if __name__ == "__main__":
                    "of what fits on a GPU: ~25 minutes and 20 GB of RAM")
     p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: rollout tokens/s, step time and peak memory "
                    "at Qwen3-0.6B's shapes with the paper's settings, fused against unfused loss, micro-batches")
+    p.add_argument("--fsdp", action="store_true", help="2 processes (gloo): peak memory per process of a Llama of "
+                   "width 1024 x 8 layers under FSDP2 against DDP, and after loading: ~3 minutes")
     p.add_argument("--tiny", action="store_true", help="with --gpu: a tiny model on any device (checks the script)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for --real")
     p.add_argument("--out", default=os.path.join(HERE, "bench.json"))
     # internal: the subprocess workers
-    p.add_argument("--worker", choices=["fused", "unfused", "ref"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["fused", "unfused", "ref", "load"], help=argparse.SUPPRESS)
     p.add_argument("--N", type=int, help=argparse.SUPPRESS)
     p.add_argument("--d", type=int, help=argparse.SUPPRESS)
     p.add_argument("--V", type=int, help=argparse.SUPPRESS)
@@ -790,6 +869,8 @@ if __name__ == "__main__":
     args = p.parse_args()
     if args.worker == "ref":
         reference_worker(args)
+    elif args.worker == "load":
+        load_worker(args.save, args.compare)
     elif args.worker:
         loss_worker(args)
     else:

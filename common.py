@@ -455,7 +455,9 @@ def empty_like_model(cfg, model_or_config, dtype=None):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     parallel.shard_layers(model)
-    return model.to_empty(device=cfg.device)
+    model.to_empty(device=cfg.device)  # new tensors, one per module: a tied output layer is untied ...
+    model.tie_weights()  # ... and tied again
+    return model
 
 def set_grad_checkpoint(model, on):
     """Gradient checkpointing on or off: per block for our GPT, the model's own for Hugging Face's."""

@@ -69,8 +69,8 @@ def my_slice(n):
 def decoder_layers(model):
     """The repeated blocks of a Hugging Face causal LM, found by the class names the model itself
     declares unsplittable (_no_split_modules: Qwen3DecoderLayer, LlamaDecoderLayer, ...)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    names = set(getattr(model, "_no_split_modules", None) or [])  # (fully_shard subclasses them: the MRO)
+    return [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 def shard_layers(model):
     """fully_shard each decoder layer; what is left joins the root (caopd.Distiller) later."""
@@ -167,6 +167,20 @@ def load_optimizer_state(model, opt, state):
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+def snapshot(model):
+    """A copy of model's weights on the CPU, to load back with restore(): this process's shards
+    under FSDP2, the whole state otherwise."""
+    local = lambda v: v.to_local() if hasattr(v, "to_local") else v
+    return {k: local(v).to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+@torch.no_grad()
+def restore(model, snap):
+    if not is_sharded(model):
+        model.load_state_dict(snap)
+        return
+    for k, v in model.state_dict().items():  # FSDP2's state dict: the parameters themselves, sharded
+        (v.to_local() if hasattr(v, "to_local") else v).copy_(snap[k])
 
 def broadcast_buffers(model, source):
     """Buffers a state dict leaves out (rotary tables are not saved): rank 0's values, from `source`

@@ -1362,9 +1362,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     (tmp_path / "two").mkdir()
     for f in (tmp_path / "one").glob("base-*.pt"):  # the same base (rank 0 would train the same one)
         (tmp_path / "two" / f.name).write_bytes(f.read_bytes())
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train_small.py"), *args, f"--out_dir={tmp_path / 'two'}"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = _torchrun(os.path.join(HERE, "train_small.py"), *args, f"--out_dir={tmp_path / 'two'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     one = torch.load(tmp_path / "one" / "caopd.pt", weights_only=True)["model"]
@@ -1373,7 +1371,146 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert max((one[k] - base[k]).abs().max().item() for k in one) > 1e-4  # training moved the weights
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6)
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["models"]["caopd"]["n"] == 8
+    res = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]
+    assert res[1]["models"]["caopd"]["n"] == 8  # both processes answered, rank 0 gathered
+    assert [json.loads(line)["id"] for line in open(tmp_path / "two" / "completions.jsonl")] == \
+           [json.loads(line)["id"] for line in open(tmp_path / "one" / "completions.jsonl")]
+
+def _torchrun(*args, n=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+# (fsdp, micro_batch, grad_checkpoint): DDP and FSDP2, each with micro-batches, with and without checkpointing
+PARALLEL_CASES = [(False, 2, False), (False, 0, True), (True, 2, False), (True, 4, True)]
+
+def parallel_worker(model_dir, out, cases):
+    """Under torchrun (or alone, as the reference): for each case, a float64 tiny Qwen3 through
+    train_small's own functions: one CaOPD step's rollouts and gradients, then 3 steps of distill
+    and the weights after them, and the held-out answers. Rank 0 saves them to out/<case>.pt."""
+    import random
+    import parallel
+    import train_small
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    device = parallel.init("cpu")
+    for case in json.loads(cases):
+        fsdp, micro_batch, grad_checkpoint = case
+        cfg = train_small.settings(init_from=model_dir, task="science", data=fixture, eval_data=fixture, K=2,
+                                   prompts_per_step=4, steps=3, max_new_tokens=10, temperature=1.0, lr=1e-3, n_eval=6,
+                                   micro_batch=micro_batch, grad_checkpoint=grad_checkpoint, fsdp=fsdp and parallel.WORLD > 1,
+                                   out_dir=out, ckpt_every=100, device=device, dtype="float32", export_dtype="float32")
+        files = common.read_task_files(cfg)
+        model, tok, context, _ = common.load_model(cfg, torch.float64)
+        held, sample_train, verify = common.load_task(cfg, tok, files, context)
+        net = train_small.distiller(cfg, model)
+        n = cfg.prompts_per_step // parallel.WORLD
+        exs = sample_train(random.Random(5), cfg.prompts_per_step)[parallel.RANK * n:parallel.RANK * n + n]
+        common.set_grad_checkpoint(model, cfg.grad_checkpoint)
+        prompts, completions, teacher_prompts, texts, *_ = train_small.rollout_batch(
+            cfg, net, tok, "caopd", exs, verify, 0, (parallel.RANK * n * cfg.K, cfg.prompts_per_step * cfg.K))
+        train_small.kl_backward(cfg, net, prompts, completions, teacher_prompts)
+        grads = {k: parallel.local_norm(p.grad).clone() for k, p in model.named_parameters()}  # whole (gathered)
+        model.zero_grad(set_to_none=True)
+        rollouts = parallel.gather(texts)
+        train_small.distill(cfg, net, tok, "caopd", sample_train, verify)
+        state = parallel.full_state(model)
+        _, records = train_small.evaluate(cfg, net, tok, "caopd", held, verify)
+        if parallel.RANK == 0:
+            torch.save({"grads": grads, "rollouts": rollouts, "state": state, "answers": [r["completion"] for r in records]},
+                       os.path.join(out, f"{'-'.join(map(str, case))}.pt"))
+    parallel.close()
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory, tiny_hf):
+    """One process, then two under torchrun (gloo), on the same cases."""
+    out = tmp_path_factory.mktemp("parallel")
+    cases = json.dumps(PARALLEL_CASES)
+    for d, n in (("one", 1), ("two", 2)):
+        (out / d).mkdir()
+        r = _torchrun(os.path.abspath(__file__), "parallel_worker", str(tiny_hf), str(out / d), cases, n=n)
+        assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+@pytest.mark.parametrize("case", PARALLEL_CASES, ids=lambda c: f"{'fsdp' if c[0] else 'ddp'}-mb{c[1]}-ckpt{c[2]}")
+def test_ddp_and_fsdp2_match_one_process(parallel_runs, case):
+    name = f"{'-'.join(map(str, case))}.pt"
+    one, two = (torch.load(parallel_runs / d / name, weights_only=True) for d in ("one", "two"))
+    assert two["rollouts"] == one["rollouts"] and len(one["rollouts"]) == 8  # 4 questions x K = 2, in order
+    assert max(g.abs().max().item() for g in one["grads"].values()) > 1e-3
+    assert set(two["grads"]) == set(one["grads"])
+    for k in one["grads"]:
+        torch.testing.assert_close(two["grads"][k], one["grads"][k], rtol=0, atol=1e-12)
+    base = torch.load(parallel_runs / "one" / name, weights_only=True)["state"]
+    for k in one["state"]:
+        torch.testing.assert_close(two["state"][k], one["state"][k], rtol=0, atol=1e-12)
+    assert two["answers"] == one["answers"] and len(one["answers"]) == 6
+
+def test_ddp_and_fsdp2_keep_a_tied_output_layer_tied(parallel_runs):
+    for case in PARALLEL_CASES:  # an untied copy would be a 26th entry, trained apart from the embedding
+        two = torch.load(parallel_runs / "two" / f"{'-'.join(map(str, case))}.pt", weights_only=True)
+        assert "lm_head.weight" not in two["grads"] and len(two["grads"]) == 24
+
+def _fsdp_run(tiny_hf, *extra):
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    return (os.path.join(HERE, "train_small.py"), f"--init_from={tiny_hf}", "--task=science", f"--data={fixture}",
+            f"--eval_data={fixture}", "--fsdp=True", "--smoke=True", "--K=2", "--steps=6",
+            "--ckpt_every=2", "--max_new_tokens=16", "--n_eval=6", "--export_dtype=float32", *extra)
+
+def test_fsdp2_resume_after_sigkill_gives_the_uninterrupted_results_and_a_whole_export(tiny_hf, tmp_path):
+    r = _torchrun(*_fsdp_run(tiny_hf, f"--out_dir={tmp_path / 'ref'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_fsdp_run(tiny_hf, f"--out_dir={out}")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if "checkpoint: caopd step 4" in line:  # in the second method; SIGKILL to torchrun and both processes (each in its own session)
+            for pid in [int(d) for d in os.listdir("/proc") if d.isdigit()]:
+                try:
+                    if str(out).encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                        os.kill(pid, 9)
+                except OSError:  # gone meanwhile
+                    pass
+            break
+    p.wait(timeout=60)
+    assert not (out / "results.json").exists() and torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+    r = _torchrun(*_fsdp_run(tiny_hf, f"--out_dir={out}", "--init_from=resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming caopd at step 4" in r.stdout
+    assert _without_seconds(out)["models"] == _without_seconds(tmp_path / "ref")["models"]
+    assert (out / "completions.jsonl").read_bytes() == (tmp_path / "ref" / "completions.jsonl").read_bytes()
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf")  # the whole model, from the gathered shards
+    saved = torch.load(out / "caopd.pt", weights_only=True)["model"]
+    assert {k for k in saved if k != "lm_head.weight"} <= set(hf.state_dict())
+    for k, v in hf.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+    # one process without FSDP2 trains the same models (float32: to rounding)
+    r = _run(*_fsdp_run(tiny_hf, f"--out_dir={tmp_path / 'one'}", "--fsdp=False")[1:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    models = {(d.name, m): torch.load(d / f"{m}.pt", weights_only=True)["model"]
+              for d in (tmp_path / "one", out) for m in ("opd", "caopd")}
+    for (d, m), state in models.items():
+        for k in state:
+            torch.testing.assert_close(state[k], models["one", m][k], rtol=0, atol=1e-5)
+    opd, caopd_ = models["out", "opd"], models["out", "caopd"]  # each method from the base, apart
+    assert max((opd[k] - caopd_[k]).abs().max().item() for k in opd) > 1e-4
+    # a resume without torchrun is refused, naming the setting
+    r = _run(*_fsdp_run(tiny_hf, f"--out_dir={out}", "--init_from=resume")[1:])
+    assert r.returncode == 2 and "--fsdp=True: shards a model across processes" in r.stderr
+
+@pytest.mark.parametrize("args,words", [
+    (("--fsdp=True",), "--fsdp=True: shards a model across processes: run under torchrun"),
+])
+def test_fsdp_without_torchrun_is_one_line(args, words, tmp_path):
+    r = _run(*args, f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+def test_fsdp_with_the_toy_gpt_is_one_line(tmp_path):
+    r = _torchrun(os.path.join(HERE, "train_small.py"), "--fsdp=True", f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode != 0 and "--fsdp=True: shards a Hugging Face model's decoder layers" in r.stderr
+    assert not (tmp_path / "o").exists()
 
 # -----------------------------------------------------------------------------
 # experiments: the machinery of experiments.py (the science is in its runs, not here)
@@ -1475,3 +1612,6 @@ def test_continual_phases_are_scored_on_the_default_held_out_questions_by_kind(t
                                                               ("caopd", "A"), ("caopd", "A then B")]
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert cached == ["base", "caopd", "caopd", "opd", "opd"]  # each phase's model once
+
+if __name__ == "__main__":  # torchrun test_caopd.py parallel_worker ...: the processes of the tests above
+    globals()[sys.argv[1]](*sys.argv[2:])

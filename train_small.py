@@ -439,8 +439,7 @@ def main(argv):
 
     net = distiller(cfg, base)  # the student is the base; one model (and its teacher) in memory
     evaluated("base")
-    # every method starts from the base's weights (under FSDP2 each process keeps its own shards)
-    start = {k: v.detach().clone() if cfg.fsdp else v.to("cpu", copy=True) for k, v in base.state_dict().items()}
+    start = parallel.snapshot(base)  # every method starts from the base's weights, kept on the CPU
     model = base
     for m in methods:
         t0 = time.time()
@@ -450,7 +449,7 @@ def main(argv):
             parallel.load_full_state(model, saved["model"])
             skipped[m] = saved["skipped"]
         else:
-            model.load_state_dict(start)
+            parallel.restore(model, start)
             reset_teacher(net)
             skipped[m] = distill(cfg, net, tok, m, sample_train, verify, ck if i == at else None, held=held)
             state = parallel.full_state(model)  # gathered on rank 0 under FSDP2
