@@ -621,6 +621,41 @@ def fits_table(real):
                              **{f"fits_{g}": gib < g * 0.93 for g in GPUS}})  # ~7% for CUDA's own
     return {"bytes_per_token_0.6B": per_token, "rows": rows_out}
 
+def fsdp_fits_table(per_token_kib=(1528, 243)):
+    """Per-GPU memory at the paper's settings (8 prompts x K = 8 rows, ~300-token prompts + 1,024
+    new tokens, grad_checkpoint=True, micro_batch=4) on 1, 2, 4 and 8 GPUs: one GPU as fits_table
+    (18 bytes a parameter with the bfloat16 frozen teacher), FSDP2 on several: 20 bytes a parameter
+    shared by the N GPUs (float32 weights, gradients, AdamW's two moments and the float32 teacher's
+    shards), plus what no GPU shares: the root's weights (embedding and output layer, of student and
+    teacher, float32), and the larger of two working sets: rollouts (every student layer gathered in
+    float32 and its bfloat16 autocast copy, the KV cache of 64 / N rows) or training (the root's
+    gradient, the fused loss's float32 output gradient, two gathered layers, a micro-batch's
+    activations, per_token_kib at 0.6B with checkpointing scaled by width x layers as fits_table)."""
+    sizes = {"0.6B": (0.596e9, 1024, 28, True), "1.7B": (1.72e9, 2048, 28, True), "4B": (4.02e9, 2560, 36, True),
+             "8B": (8.19e9, 4096, 36, False)}  # parameters, width, layers, tied embedding
+    V, seq, mb, rows_out = 151936, 300 + 1024, 4, []
+    for name, (P, d, layers, tied) in sizes.items():
+        scale, root = d * layers / (1024 * 28), V * d * (1 if tied else 2)  # root: parameters no layer holds
+        act = per_token_kib[1] * 1024 * scale * mb * seq
+        for n in (1, 2, 4, 8):
+            kv = layers * 2 * 8 * 128 * 2 * (64 // n) * seq
+            if n == 1:
+                gib = (18 * P + act + kv + V * d * 4 + 100e6) / 2**30
+            else:
+                layer = (P - root) / layers
+                rollouts = (P - root) * (4 + 2) + kv
+                training = root * 4 + V * d * 4 + 2 * layer * 4 + act
+                gib = (20 * P / n + 2 * root * 4 + max(rollouts, training) + 100e6) / 2**30
+            rows_out.append({"model": name, "gpus": n, "gib": gib, **{f"fits_{g}": gib < g * 0.93 for g in GPUS}})
+    return rows_out
+
+def markdown_fsdp_fits(rows):
+    L = ["| model | GPUs | GiB per GPU | " + " | ".join(f"{GPUS[g]} ({g} GiB)" for g in GPUS) + " |", "|---|---:|---:|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['model']} | {r['gpus']}{'' if r['gpus'] == 1 else ' (FSDP2)'} | {r['gib']:.0f} | "
+                 + " | ".join("yes" if r[f"fits_{g}"] else "no" for g in GPUS) + " |")
+    return "\n".join(L)
+
 # -----------------------------------------------------------------------------
 # targets, report
 
@@ -683,6 +718,8 @@ def load_worker(model_dir, fsdp):
     import common
     import parallel
     cfg = SimpleNamespace(init_from=model_dir, fsdp=fsdp == "True", device=parallel.init("cpu"), grad_checkpoint=False)
+    import transformers  # noqa: F401  (its import is not the model's memory)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     before = rss_bytes()  # torch, transformers and the process group, before any weight
     model = common.load_model(cfg)[0]
     print(f"rank {parallel.RANK}: {rss_bytes() / 2**20:.0f} MiB resident, peak {peak_rss_bytes() / 2**20:.0f} MiB after "
@@ -783,6 +820,8 @@ def main_real_models(args):
     if args.fsdp:
         print("2 processes (gloo), a Llama of width 1024 and 8 layers: FSDP2 against DDP:", flush=True)
         report["fsdp"] = bench_fsdp()
+        report["fsdp_fits"] = fsdp_fits_table()
+        print(markdown_fsdp_fits(report["fsdp_fits"]))
     report["elapsed_s"] = time.time() - t0
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

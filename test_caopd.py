@@ -1380,8 +1380,8 @@ def _torchrun(*args, n=2):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-# (fsdp, micro_batch, grad_checkpoint): DDP and FSDP2, each with micro-batches, with and without checkpointing
-PARALLEL_CASES = [(False, 2, False), (False, 0, True), (True, 2, False), (True, 4, True)]
+# (fsdp, micro_batch, grad_checkpoint, ema_rate): DDP and FSDP2, with micro-batches, checkpointing, an EMA teacher
+PARALLEL_CASES = [(False, 2, False, 0.0), (False, 0, True, 0.5), (True, 2, False, 0.5), (True, 4, True, 0.0)]
 
 def parallel_worker(model_dir, out, cases):
     """Under torchrun (or alone, as the reference): for each case, a float64 tiny Qwen3 through
@@ -1393,10 +1393,11 @@ def parallel_worker(model_dir, out, cases):
     fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
     device = parallel.init("cpu")
     for case in json.loads(cases):
-        fsdp, micro_batch, grad_checkpoint = case
+        fsdp, micro_batch, grad_checkpoint, ema_rate = case
         cfg = train_small.settings(init_from=model_dir, task="science", data=fixture, eval_data=fixture, K=2,
                                    prompts_per_step=4, steps=3, max_new_tokens=10, temperature=1.0, lr=1e-3, n_eval=6,
-                                   micro_batch=micro_batch, grad_checkpoint=grad_checkpoint, fsdp=fsdp and parallel.WORLD > 1,
+                                   micro_batch=micro_batch, grad_checkpoint=grad_checkpoint, ema_rate=ema_rate,
+                                   fsdp=fsdp and parallel.WORLD > 1,
                                    out_dir=out, ckpt_every=100, device=device, dtype="float32", export_dtype="float32")
         files = common.read_task_files(cfg)
         model, tok, context, _ = common.load_model(cfg, torch.float64)
@@ -1412,7 +1413,8 @@ def parallel_worker(model_dir, out, cases):
         model.zero_grad(set_to_none=True)
         rollouts = parallel.gather(texts)
         train_small.distill(cfg, net, tok, "caopd", sample_train, verify)
-        state = parallel.full_state(model)
+        teacher = parallel.full_state(parallel.inner(net).teacher)
+        state = {**parallel.full_state(model), **{f"teacher.{k}": v for k, v in teacher.items()}}
         _, records = train_small.evaluate(cfg, net, tok, "caopd", held, verify)
         if parallel.RANK == 0:
             torch.save({"grads": grads, "rollouts": rollouts, "state": state, "answers": [r["completion"] for r in records]},
@@ -1430,7 +1432,7 @@ def parallel_runs(tmp_path_factory, tiny_hf):
         assert r.returncode == 0, r.stderr[-4000:]
     return out
 
-@pytest.mark.parametrize("case", PARALLEL_CASES, ids=lambda c: f"{'fsdp' if c[0] else 'ddp'}-mb{c[1]}-ckpt{c[2]}")
+@pytest.mark.parametrize("case", PARALLEL_CASES, ids=lambda c: f"{'fsdp' if c[0] else 'ddp'}-mb{c[1]}-ckpt{c[2]}-ema{c[3]}")
 def test_ddp_and_fsdp2_match_one_process(parallel_runs, case):
     name = f"{'-'.join(map(str, case))}.pt"
     one, two = (torch.load(parallel_runs / d / name, weights_only=True) for d in ("one", "two"))
@@ -1439,8 +1441,7 @@ def test_ddp_and_fsdp2_match_one_process(parallel_runs, case):
     assert set(two["grads"]) == set(one["grads"])
     for k in one["grads"]:
         torch.testing.assert_close(two["grads"][k], one["grads"][k], rtol=0, atol=1e-12)
-    base = torch.load(parallel_runs / "one" / name, weights_only=True)["state"]
-    for k in one["state"]:
+    for k in one["state"]:  # student and teacher
         torch.testing.assert_close(two["state"][k], one["state"][k], rtol=0, atol=1e-12)
     assert two["answers"] == one["answers"] and len(one["answers"]) == 6
 

@@ -12,7 +12,7 @@ held-out questions (greedy) and we compare accuracy and calibration.
     python train_small.py --smoke=True             # the whole pipeline in seconds (machinery only)
     python train_small.py ... --init_from=resume   # continue an interrupted run: the same command + this
     python train_small.py --init_from=Qwen/Qwen3-0.6B --task=science   # a Hugging Face model
-    torchrun --standalone --nproc_per_node=4 train_small.py ...        # several processes / GPUs
+    torchrun --standalone --nproc_per_node=4 train_small.py ...        # several GPUs (DDP; --fsdp=True shards)
 """
 import copy
 import json
