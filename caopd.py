@@ -1,25 +1,27 @@
 """
 Calibration-Aware On-Policy Distillation (CaOPD), in one file.
 
-On-policy self-distillation (OPD) trains a student on its own samples toward a teacher
-that is the same network (a frozen or EMA copy) shown privileged context: a worked demonstration or
-a verified correct solution. The student learns the answers, and also the teacher's
-certainty: its stated `Confidence:` goes to 1.0 whether it is right or not. CaOPD changes
-one thing, the confidence target:
+On-policy self-distillation (OPD) trains a student on its own samples toward a teacher that is
+the same network (a frozen copy, or an EMA of the student) shown privileged context: a worked
+demonstration or a verified correct solution. The student learns the answers, and also the
+teacher's certainty: its stated `Confidence:` goes to 1.0 whether it is right or not. CaOPD
+changes one thing, the confidence target:
 
-  1. For each prompt, sample K completions from the student.            -> sample()
-  2. Verify each one; P_acc = (number correct) / K.                      -> verify_arith(), empirical_confidence()
-  3. Put P_acc where the confidence goes, in three places:               -> with_empirical_confidence()
+  1. For each prompt, sample K completions from the student.        -> sample()
+  2. Verify each one; P_acc = (number correct) / K.                  -> verify_arith(), empirical_confidence()
+  3. Put P_acc where the confidence goes, in three places:           -> distillation_targets()
        a. the student completion's `Confidence:` line,
        b. the confidence of the teacher's demonstrated solution,
        c. a Note line in the teacher prompt asking for exactly that value.
   4. Distill as before: per completion token, the full-vocabulary
-     reverse KL(student || teacher), gradient through the student only.  -> teacher_prompt(), fused_linear_kl()
+     reverse KL(student || teacher), gradient through the student.  -> teacher_prompt(), Distiller, fused_linear_kl()
 
-Without step 3 this file is plain OPD. The file reads top to bottom in that order:
-tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence ->
-teacher context -> loss -> metrics. train_small.py is the script that runs it; the verifiers
-of the paper's two tasks sit beside their data, in data/tasks.py.
+Without step 3 this file is plain OPD: distillation_targets() is the whole difference, and the
+comment above it says why it works. The file reads top to bottom in the method's order:
+tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence -> teacher
+context -> the change -> loss -> metrics; then the adapters for Hugging Face models.
+train_small.py runs it; the verifiers of the paper's two tasks sit beside their data
+(data/tasks.py); several processes (DDP, FSDP2) are in parallel.py.
 """
 import inspect
 import math
@@ -48,8 +50,8 @@ END = "<|endoftext|>"  # ends every completion (tiktoken calls it eot_token)
 
 def toy_tokenizer(text):
     """A tiktoken.Encoding whose vocabulary is the 256 bytes (digits among them), every piece of
-    `text` and of this file's teacher templates, and the confidence values 0.0 ... 1.0; then END."""
-    words = set(re.findall(PIECES, text + " ".join(TEMPLATES.values()) + NOTE))
+    `text` (the toy's words: data/arith.py) and the confidence values 0.0 ... 1.0; then END."""
+    words = set(re.findall(PIECES, text))
     words |= {f"{s}{i / 10:.1f}" for s in ("", " ") for i in range(11)}
     ranks = {bytes([i]): i for i in range(256)}
     for w in sorted(w.encode() for w in words if len(w.encode()) > 1):
@@ -105,13 +107,9 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("c_proj.weight", "mlp.2.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
 
-    @property
-    def lm_head(self):
-        return self.wte.weight  # (V, C)
-
     def forward(self, idx, cache=None, pos=0):
-        """idx (B, T) token ids -> final hidden states (B, T, C). Logits are hidden @ lm_head.T;
-        the loss never forms them for all positions at once (see fused_linear_kl)."""
+        """idx (B, T) token ids -> final hidden states (B, T, C). Logits are hidden @ wte.weight.T
+        (output_weight); the loss never forms them for all positions at once (see fused_linear_kl)."""
         T = idx.shape[1]
         assert pos + T <= self.cfg.block_size, f"sequence of {pos + T} tokens > block_size {self.cfg.block_size}"
         x = self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
@@ -152,7 +150,7 @@ def hidden_states(model, idx):
 
 def output_weight(model):
     """The output projection (V, C): our tied wte, or a Hugging Face model's lm_head (tied or not)."""
-    return model.lm_head if isinstance(model, GPT) else model.get_output_embeddings().weight
+    return model.wte.weight if isinstance(model, GPT) else model.get_output_embeddings().weight
 
 def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
     """Logits of the next token, step by step: decode(None) for the first, decode(tokens (B,)) after."""
@@ -172,51 +170,7 @@ def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
         else:  # the whole sequence again: for tests and the benchmark, never for training
             idx = torch.cat([idx, nxt[:, None]], 1)
             h = model(idx)[:, -1]
-        return h @ model.lm_head.T
-    return decode
-
-def _hf_cache_name(model):
-    # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-def _hf_prefill(model, prompts):
-    """prefill() for a Hugging Face model: each distinct prompt once, left-padded (the mask hides
-    the padding, position ids start at each prompt's start), into the model's KV cache, then a
-    copy for every row. Returns the last prompt token's hidden state (B, C), the cache, the
-    attention mask (B, T) and each row's next position (B,)."""
-    device = output_weight(model).device
-    distinct = {}
-    for p in prompts:
-        distinct.setdefault(tuple(p), len(distinct))
-    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
-    T = max(map(len, distinct))
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in distinct], device=device)  # (U, T)
-    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in distinct], device=device) * mask
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model.base_model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out[_hf_cache_name(model)]
-    cache.batch_select_indices(rows)
-    h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
-    return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
-
-def _hf_decoder(model, prompts):
-    """The same for a Hugging Face causal LM, over its own KV cache: the prompts through
-    _hf_prefill (each distinct one once, left-padded), then one token per row per step. The logits
-    are F.linear(h, output_weight()), as the model's own head computes them: under autocast the
-    bfloat16 copy of a trainable weight is made once and cached, where one of W.T (a view) would be
-    made at every step (3.5x slower logits at Qwen3's vocabulary on the CPU)."""
-    W, name = output_weight(model), _hf_cache_name(model)
-    h0, cache, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
-
-    def decode(nxt):
-        nonlocal mask, pos
-        if nxt is None:
-            return F.linear(h0, W).float()
-        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
-        out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                               use_cache=True, **{name: cache})  # the cache grows in place
-        pos = pos + 1
-        return F.linear(out.last_hidden_state[:, -1], W).float()
+        return h @ model.wte.weight.T  # (B, V)
     return decode
 
 @torch.no_grad()
@@ -290,7 +244,10 @@ def parse_confidence(text, clip=True):
 
 def split_confidence(text):
     """(text before its FIRST confidence label, the rest from that label on, emphasis before the
-    label included): the answer, and what CaOPD replaces. A text without a label is all answer."""
+    label included): the answer, and what CaOPD replaces. A text without a label is all answer.
+    The first label, where parse_confidence reads the last: everything from the first one on is
+    replaced, so no second label survives a replacement; a model that mentions its confidence
+    before the end still states the one it ends with."""
     m = CONFIDENCE.search(text)
     return (text, "") if m is None else (text[:m.start()], text[m.start():])
 
@@ -305,15 +262,17 @@ def verify_arith(answer, text):
 # The paper's two tasks have their verifiers beside their data: data/tasks.py.
 
 # -----------------------------------------------------------------------------
-# Empirical confidence: CaOPD's one change
+# Empirical confidence: the student's own measured success rate on a question
 
-def empirical_confidence(correct, k, smoothed=False):
-    """correct: list of B*K verdicts, grouped by prompt -> P_acc per prompt, a list of B floats.
-    smoothed: (c + 1) / (K + 2) (Laplace's rule of succession) instead of c / K: never exactly 0
-    or 1 from a few rollouts."""
-    if smoothed:
-        return [(sum(correct[i:i + k]) + 1) / (k + 2) for i in range(0, len(correct), k)]
-    return [sum(correct[i:i + k]) / k for i in range(0, len(correct), k)]
+def empirical_confidence(correct, smoothed=False):
+    """P_acc of one question from the verdicts of its K rollouts: c / K for c correct, or with
+    smoothed=True (c + 1) / (K + 2) (Laplace's rule of succession: never exactly 0 or 1 from a few
+    rollouts). Another estimator (a Beta(a, b) prior: (c + a) / (K + a + b)) is a line here. It is
+    written with `decimals` digits (set_confidence): the toy states one decimal (a token per value,
+    see toy_tokenizer), real models two, the paper's X.XX, so a change smaller than half the last
+    digit changes no target."""
+    k = len(correct)
+    return (sum(correct) + 1) / (k + 2) if smoothed else sum(correct) / k
 
 def set_confidence(completion, p, decimals):
     """Strip everything from the first confidence label on (any spelling parse_confidence reads:
@@ -324,18 +283,15 @@ def set_confidence(completion, p, decimals):
         body += "\n"
     return f"{body}Confidence: {p:.{decimals}f}"
 
-def with_empirical_confidence(completion, p_acc, decimals):
-    """The three replacements. Returns (student completion, confidence of the teacher's shown
-    solution, note value). Plain OPD uses (completion, 1.0, None) instead: nothing else differs."""
-    return set_confidence(completion, p_acc, decimals), p_acc, p_acc
-
 # -----------------------------------------------------------------------------
 # Teacher context: the privileged information the student never sees
 
-# `demo` (SDFT style) shows a reference answer; `correct_solution` (SDPO style) shows one of the
-# student's own verified correct rollouts for the same prompt (the reference answer when none is
-# correct). The teacher's weights are an EMA of the student's, so its targets move slowly and
-# never lag far behind: teacher = (1 - a) * teacher + a * student.
+# A teacher context is a template and its fields: {question}, {solution} (a response, its
+# confidence line set to the shown confidence) and {note} (empty, or NOTE with a value). `demo`
+# (SDFT style) shows the reference answer; `correct_solution` (SDPO style) one of the student's
+# own verified correct rollouts for the same prompt (the reference answer when none is correct).
+# The teacher's weights are a frozen copy of the student's start by default; with ema_rate > 0 an
+# EMA of the student's, teacher = (1 - a) * teacher + a * student after every step (ema_update).
 TEMPLATES = {
     "demo": "{question}\nThis is an example for a response to the question:\n{solution}\n"
             "{note}Now answer with a response of your own.\n",
@@ -343,13 +299,11 @@ TEMPLATES = {
 }
 NOTE = "Note: The empirical confidence for this question is {p}. Output this exact value in the 'Confidence:' field.\n"
 
-def student_prompt(question):
-    return f"{question}\n"
-
-def teacher_prompt(context, question, solution, confidence, note, decimals):
-    """solution: a response text (its own Confidence line, if any, is replaced by `confidence`);
-    note: None (OPD) or the P_acc to state in the Note line (CaOPD)."""
-    return TEMPLATES[context].format(
+def teacher_prompt(question, decimals, template, solution, confidence, note):
+    """The teacher's prompt: the question inside template (a TEMPLATES name) with its fields.
+    solution: a response text, its confidence line set to `confidence`; note: None (no Note line)
+    or the value the Note asks for."""
+    return TEMPLATES[template].format(
         question=question, solution=set_confidence(solution, confidence, decimals),
         note="" if note is None else NOTE.format(p=f"{note:.{decimals}f}"))
 
@@ -361,14 +315,55 @@ def ema_update(teacher, student, rate):
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.lerp_(s, rate)
 
+# -----------------------------------------------------------------------------
+# CaOPD's one change: P_acc where the confidence goes
+#
+# Why it works. The teacher's certainty comes from its context: shown a solution that ends in
+# "Confidence: 1.00", it says 1.00 whether or not the student could get the question right,
+# and OPD distills exactly that, so its student learns to say 1.00 to everything. CaOPD makes
+# the teacher's target at the confidence position the student's own success rate: the solution
+# it is shown states P_acc (b) and a Note asks it to output that value (c). The student never
+# sees either. For questions it cannot tell apart (their prompts and its answers look alike to
+# it) its distribution at that position is one and the same, and reverse KL toward their
+# teachers is minimised by their normalised geometric mean, s(v) ~ exp(mean log t_i(v)), which
+# peaks at their mean P_acc when each teacher's log-probabilities are a parabola around the value
+# it is shown (the toy's base is trained so: toy_base.soft_confidence_loss). So the student
+# states the success rate of the questions that look like this one: calibration. Rewriting the
+# student's own stated value (a) sets no target: the student's distribution at the confidence
+# position depends only on the tokens before it, never on the value written there. It changes the
+# positions after it (the end token, now after P_acc) and keeps one confidence line in the format.
+# Which of the three carry the calibration is measured: python experiments.py replacements.
+
+def distillation_targets(method, rollouts, correct, reference, template, decimals, smoothed=False, parts="abc"):
+    """The whole difference between OPD and CaOPD, for one question. rollouts: the texts of its K
+    rollouts; correct: their verdicts; reference: the reference answer; template: the teacher
+    context's name. Returns (the K completions to train on, the teacher's context as
+    teacher_prompt's fields, P_acc). OPD (method "opd") trains on the rollouts as sampled (the
+    same list, returned as it came) toward a teacher shown certainty: confidence 1.0, no Note.
+    CaOPD puts P_acc in the three places (parts: which of them, "abc" all; for ablations)."""
+    p_acc = empirical_confidence(correct, smoothed)
+    solution = reference
+    if template == "correct_solution":  # the first verified rollout of this question, else the reference
+        solution = next((r for r, ok in zip(rollouts, correct) if ok), reference)
+    completions, context = rollouts, dict(template=template, solution=solution, confidence=1.0, note=None)
+    if method == "caopd":
+        if "a" in parts:  # a. the completion's stated confidence
+            completions = [set_confidence(r, p_acc, decimals) for r in rollouts]
+        if "b" in parts:  # b. the shown solution's confidence
+            context["confidence"] = p_acc
+        if "c" in parts:  # c. the Note
+            context["note"] = p_acc
+    return completions, context, p_acc
+
+# -----------------------------------------------------------------------------
+# Loss: per-token divergence between student and teacher over the full vocabulary
+
 def completion_hidden(model, prompts, completions):
     """Run the model on each prompt + completion and return the hidden states that predict the
     completion tokens, (B, L, C), with the completions' lengths. h[i, j] is the state after
     prompts[i] + completions[i][:j]; it predicts completions[i][j].
     The K rollouts of a question share its prompt, so the prompt runs once into a KV cache
-    (prefill) and the completions run on top of it: K times less prompt work. Except under a
-    Hugging Face model's gradient checkpointing, whose layers drop a KV cache while they train;
-    there every row runs its whole sequence."""
+    (prefill) and the completions run on top of it: K times less prompt work."""
     device = output_weight(model).device
     L = max(map(len, completions))
     x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=device)  # (B, L - 1)
@@ -377,55 +372,39 @@ def completion_hidden(model, prompts, completions):
         h0, cache = prefill(model, prompts, Tp + L - 1)  # h0 (B, C) predicts token 0
         rest = model(x, cache, Tp) if L > 1 else h0.new_zeros(len(prompts), 0, h0.shape[-1])  # (B, L - 1, C)
         return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # HF's flag, per layer
-    if not isinstance(model, GPT) and not (checkpointing and model.training and torch.is_grad_enabled()):
-        h0, cache, mask, start = _hf_prefill(model, prompts)
-        if L > 1:  # the completions' right padding needs no mask: causal attention never looks ahead
-            rest = model.base_model(input_ids=x, attention_mask=torch.cat([mask, torch.ones_like(x)], 1),
-                                    position_ids=start[:, None] + torch.arange(L - 1, device=device),
-                                    use_cache=True, **{_hf_cache_name(model): cache}).last_hidden_state
-        else:
-            rest = h0.new_zeros(len(prompts), 0, h0.shape[-1])
-        return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
+    if not isinstance(model, GPT):
+        return _hf_completion_hidden(model, prompts, completions, x)
     return whole_sequences_hidden(model, prompts, completions)
-
-def whole_sequences_hidden(model, prompts, completions):
-    """completion_hidden without a shared prompt: each row's prompt + completion, right-padded."""
-    device, L = output_weight(model).device, max(map(len, completions))
-    seqs = [p + c[:-1] for p, c in zip(prompts, completions)]  # prompts of several lengths: right-pad
-    T = max(map(len, seqs))
-    x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
-    h = hidden_states(model, x)  # (B, T, C); right padding needs no mask: causal attention never looks ahead
-    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the state that predicts token 0
-    pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
-    return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]
-
-# -----------------------------------------------------------------------------
-# Loss: per-token divergence between student and teacher over the full vocabulary
 
 # Reverse KL(p_s || p_t) is the default: it is an expectation under the student's own
 # distribution, so the student is pushed off tokens the teacher finds unlikely (mode seeking),
 # exactly on the states the student itself visits. Forward KL and the generalized JSD (with the
-# reference code's convention: m = beta * p_t + (1 - beta) * p_s, JSD = beta KL(p_t||m) +
+# authors' release's convention (SalesforceAIResearch/CaOPD): m = beta * p_t + (1 - beta) * p_s, JSD = beta KL(p_t||m) +
 # (1 - beta) KL(p_s||m), and beta = 0 / 1 meaning forward / reverse KL) are options.
 
+DIVERGENCES = ("reverse", "forward", "jsd")  # kl_divergence's; fused_linear_kl has its own gradients of these
+
 def kl_divergence(logp_s, logp_t, kind="reverse", beta=0.5):
-    """Per-position divergence from log-probabilities (..., V) -> (...), in plain autograd."""
+    """Per-position divergence from log-probabilities (..., V) -> (...), in plain autograd: a new
+    divergence is a name in DIVERGENCES and its formula here, run with --fused=False."""
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "forward" if beta == 0.0 else "reverse"
     if kind == "reverse":
         return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
     if kind == "forward":
         return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
-    logm = torch.logaddexp(logp_s + math.log(1 - beta), logp_t + math.log(beta))
-    return beta * (logp_t.exp() * (logp_t - logm)).sum(-1) + (1 - beta) * (logp_s.exp() * (logp_s - logm)).sum(-1)
+    if kind == "jsd":
+        logm = torch.logaddexp(logp_s + math.log(1 - beta), logp_t + math.log(beta))
+        return beta * (logp_t.exp() * (logp_t - logm)).sum(-1) + (1 - beta) * (logp_s.exp() * (logp_s - logm)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}: one of {DIVERGENCES}")
 
 def linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
                         kind="reverse", beta=0.5):
-    """What fused_linear_kl computes, written plainly: it holds several (N, V) tensors."""
+    """What fused_linear_kl computes, written plainly in autograd (--fused=False): it holds several
+    (N, V) tensors, and any divergence of kl_divergence."""
     logp_s = F.log_softmax(student_hidden @ student_weight.T, -1)  # (N, V)
     logp_t = F.log_softmax(teacher_hidden @ teacher_weight.T, -1).detach()
-    w = torch.ones(len(student_hidden), dtype=logp_s.dtype) if mask is None else mask.to(logp_s.dtype)
+    w = torch.ones(len(student_hidden), dtype=logp_s.dtype, device=logp_s.device) if mask is None else mask.to(logp_s.dtype)
     return (kl_divergence(logp_s, logp_t, kind, beta) * w).sum() / w.sum().clamp(min=1e-30)
 
 class _FusedLinearKL(torch.autograd.Function):
@@ -555,9 +534,9 @@ class Distiller(nn.Module):
     returns its loss: the data-parallel engines (DistributedDataParallel, FSDP2) average the
     gradient of what happens inside the forward of the module they wrap, so the loss must be there."""
 
-    def __init__(self, student, teacher, kind="reverse", beta=0.5):
+    def __init__(self, student, teacher, kind="reverse", beta=0.5, fused=True):
         super().__init__()
-        self.student, self.teacher, self.kind, self.beta = student, teacher, kind, beta
+        self.student, self.teacher, self.kind, self.beta, self.fused = student, teacher, kind, beta, fused
 
     def forward(self, prompts, completions, teacher_prompts, weight, estimator=None):
         """weight (B, L): each completion position's share of the loss (0 = not counted) -> the
@@ -569,8 +548,9 @@ class Distiller(nn.Module):
         w = weight[:, :hs.shape[1]]  # (B, L'): L' is these rows' longest completion
         args = (hs.flatten(0, 1), output_weight(self.student), ht.flatten(0, 1), output_weight(self.teacher),
                 w.flatten())
-        if estimator is None:
-            return fused_linear_kl(*args, kind=self.kind, beta=self.beta)
+        if estimator is None:  # the fused kernel, or the same loss in plain autograd
+            loss = fused_linear_kl if self.fused else linear_kl_reference
+            return loss(*args, kind=self.kind, beta=self.beta)
         tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions], device=hs.device)
         return estimator(*args, tokens.flatten())
 
@@ -610,3 +590,78 @@ def calibration_metrics(correct, confidence):
     return {"accuracy": y.mean().item(), "mean_confidence": c.mean().item(), "ece": float(ece),
             "brier": ((c - y) ** 2).mean().item(), "ocg": (c.mean() - y.mean()).item(),
             "spr": spr, "auroc": auroc, "n": n}
+
+# -----------------------------------------------------------------------------
+# Hugging Face models: the same steps over a transformers causal LM and its own KV cache
+
+def _hf_cache_name(model):
+    # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+def _hf_prefill(model, prompts):
+    """prefill() for a Hugging Face model: each distinct prompt once, left-padded (the mask hides
+    the padding, position ids start at each prompt's start), into the model's KV cache, then a
+    copy for every row. Returns the last prompt token's hidden state (B, C), the cache, the
+    attention mask (B, T) and each row's next position (B,)."""
+    device = output_weight(model).device
+    distinct = {}
+    for p in prompts:
+        distinct.setdefault(tuple(p), len(distinct))
+    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
+    T = max(map(len, distinct))
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in distinct], device=device)  # (U, T)
+    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in distinct], device=device) * mask
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model.base_model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = out[_hf_cache_name(model)]
+    cache.batch_select_indices(rows)
+    h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
+    return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
+
+def _hf_decoder(model, prompts):
+    """The same for a Hugging Face causal LM, over its own KV cache: the prompts through
+    _hf_prefill (each distinct one once, left-padded), then one token per row per step. The logits
+    are F.linear(h, output_weight()), as the model's own head computes them: under autocast the
+    bfloat16 copy of a trainable weight is made once and cached, where one of W.T (a view) would be
+    made at every step (3.5x slower logits at Qwen3's vocabulary on the CPU)."""
+    W, name = output_weight(model), _hf_cache_name(model)
+    h0, cache, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
+
+    def decode(nxt):
+        nonlocal mask, pos
+        if nxt is None:
+            return F.linear(h0, W).float()
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                               use_cache=True, **{name: cache})  # the cache grows in place
+        pos = pos + 1
+        return F.linear(out.last_hidden_state[:, -1], W).float()
+    return decode
+
+def _hf_completion_hidden(model, prompts, completions, x):
+    """completion_hidden for a Hugging Face model: the prompts through _hf_prefill, then the
+    completions x (B, L - 1) on top of the cache. Except under its gradient checkpointing, whose
+    layers drop a KV cache while they train: there every row runs its whole sequence."""
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # per layer
+    if checkpointing and model.training and torch.is_grad_enabled():
+        return whole_sequences_hidden(model, prompts, completions)
+    device, L = x.device, x.shape[1] + 1
+    h0, cache, mask, start = _hf_prefill(model, prompts)
+    if L > 1:  # the completions' right padding needs no mask: causal attention never looks ahead
+        rest = model.base_model(input_ids=x, attention_mask=torch.cat([mask, torch.ones_like(x)], 1),
+                                position_ids=start[:, None] + torch.arange(L - 1, device=device),
+                                use_cache=True, **{_hf_cache_name(model): cache}).last_hidden_state
+    else:
+        rest = h0.new_zeros(len(prompts), 0, h0.shape[-1])
+    return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
+
+def whole_sequences_hidden(model, prompts, completions):
+    """completion_hidden without a shared prompt: each row's prompt + completion, right-padded."""
+    device, L = output_weight(model).device, max(map(len, completions))
+    seqs = [p + c[:-1] for p, c in zip(prompts, completions)]  # prompts of several lengths: right-pad
+    T = max(map(len, seqs))
+    x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
+    h = hidden_states(model, x)  # (B, T, C); right padding needs no mask: causal attention never looks ahead
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the state that predicts token 0
+    pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
+    return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]

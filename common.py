@@ -41,12 +41,12 @@ def die(msg, code=2):
 
 def settings_block(module_globals, path):
     """The settings a script declares: the globals between its `# settings` rule and the next
-    `# ---` rule, as {name: (default, help, group)} in file order. The comment beside a global, and
-    the comment lines right under it, are its help: --help prints them, so they are the one place a
-    setting is described. A line `# <words>` alone starts a group."""
+    `# ---` rule, as {name: (default, help, group)} in file order. The comment beside a global is
+    its help: --help prints it, so it is the one place a setting is described. A line `# <words>`
+    alone starts a group."""
     lines = open(path, encoding="utf-8").read().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# settings"))
-    out, group, last = {}, "", None
+    out, group = {}, ""
     for line in lines[start + 1:]:
         if line.startswith("# ---"):
             break
@@ -54,11 +54,9 @@ def settings_block(module_globals, path):
                         if t.type == tokenize.COMMENT), "")
         name = line.split("=", 1)[0].strip()
         if line.startswith("#"):
-            group, last = comment, None
-        elif line[:1].isspace() and last and comment:  # the help goes on
-            out[last] = (out[last][0], f"{out[last][1]} {comment}", out[last][2])
+            group = comment
         elif name.isidentifier() and name in module_globals:
-            out[name], last = (module_globals[name], comment, group), name
+            out[name] = (module_globals[name], comment, group)
     return out
 
 def print_help(settings, usage, about, also=None):
@@ -313,15 +311,20 @@ def render(tok, messages, enable_thinking):
 def student_tokens(tok, ex, enable_thinking):
     return render(tok, ex["messages"], enable_thinking)
 
-def teacher_tokens(tok, ex, context, solution, shown, note, enable_thinking):
-    """The student's chat with the privileged context (template `context`) added to its last user
-    turn. A system message stays as it is: rebuilding the teacher prompt from the system turn would
-    lose the question (a bug of the reference code)."""
+def teacher_tokens(tok, ex, context, enable_thinking):
+    """The student's chat with the privileged context (caopd.teacher_prompt's fields: template,
+    solution, confidence, note) around the question of its last user turn. A system message stays
+    as it is: rebuilding the teacher prompt from the system turn would lose the question (a bug of
+    the authors' release)."""
     messages = [dict(m) for m in ex["messages"]]
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[last]["content"] = caopd.teacher_prompt(context, messages[last]["content"], solution, shown, note,
-                                                     decimals(tok))
+    messages[last]["content"] = caopd.teacher_prompt(messages[last]["content"], decimals(tok), **context)
     return render(tok, messages, enable_thinking)
+
+def longest_context(template, ex):
+    """The teacher context of template with its longest fields for ex: the reference shown with a
+    Note (for the length checks)."""
+    return dict(template=template, solution=ex["reference"], confidence=1.0, note=1.0)
 
 def confidence_value_ids(tok):
     """The toy's stated confidences 0.0, 0.1, ..., 1.0: one token each (see caopd.toy_tokenizer)."""
@@ -350,7 +353,8 @@ def shortest_answer(task, ex):
         return f"<answer>{ex['answer']}</answer>"
     return f"Action: {ex['answer']['action']}\nAction Input: {json.dumps(ex['answer']['action_input'])}"
 
-def verify_arith(ex, text):
+def verify_example(ex, text):
+    """A toy example's verdict: caopd.verify_arith on its answer."""
     return caopd.verify_arith(ex["answer"], text)
 
 def arith_task(data_seed, n_eval, ops="+*", digits=None, setting=None):
@@ -361,16 +365,16 @@ def arith_task(data_seed, n_eval, ops="+*", digits=None, setting=None):
         held, sample_train = arith.split(data_seed, n_eval, ops, digits)
     except ValueError as e:
         die(f"{setting}: {e}" if setting else str(e))
-    return held, sample_train, verify_arith
+    return held, sample_train, verify_example
 
 def load_task(cfg, tok, files, context):
     """(held-out examples, sample_train(rng, n), verify(example, text)). Examples too long for the
     model's context (teacher prompt + max_new_tokens) are skipped and counted."""
     if cfg.task == "arith":
-        return arith_task(cfg.data_seed, cfg.n_eval)
+        return arith_task(cfg.data_seed, cfg.n_eval, cfg.arith_ops, cfg.arith_digits or None)
     rows = {}
     for split, (path, examples) in files.items():
-        fits = [ex for ex in examples if len(teacher_tokens(tok, ex, cfg.teacher_context, ex["reference"], 1.0, 1.0,
+        fits = [ex for ex in examples if len(teacher_tokens(tok, ex, longest_context(cfg.teacher_context, ex),
                                                             cfg.enable_thinking)) + cfg.max_new_tokens <= context]
         if len(fits) < len(examples):
             first = next(ex["id"] for ex in examples if ex not in fits)
@@ -396,7 +400,7 @@ def check_lengths(cfg, tok, held, context):
                    f"answer to held-out question {need[1]} (answer, 'Confidence:' line, end token) takes {need[0]} tokens")
     if cfg.init_from == "scratch":
         ex = held[0]  # the toy's questions of one mix have one length
-        prompt = max(len(teacher_tokens(tok, ex, c, ex["reference"], 1.0, 1.0, cfg.enable_thinking)) for c in caopd.TEMPLATES)
+        prompt = max(len(teacher_tokens(tok, ex, longest_context(t, ex), cfg.enable_thinking)) for t in caopd.TEMPLATES)
         longest = prompt + cfg.max_new_tokens + conf  # a CaOPD completion: the rollout's body + its new confidence line
         if longest > context:
             die(f"--block_size={cfg.block_size}: shorter than the toy's longest sequence, {longest} tokens "

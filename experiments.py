@@ -57,12 +57,14 @@ smoothed_Ks = "2"                     # pacc: the K that also run with P_acc = (
 OWN = common.settings_block(globals(), __file__)
 # train_small.py settings every experiment starts from (the command line overrides them)
 TRAIN = dict(log_every=10, ckpt_every=10_000)
+# the default question mix, also under --smoke: each experiment builds its own question sets on it
+TASK = dict(arith_ops="+*", arith_digits=0)
 METHODS = ("opd", "caopd")
 CLI = {}  # train_small.py settings given on the command line
 
 def start():
     """TRAIN, less what --smoke shrinks when it is given (smoke wins over TRAIN, the command line over both)."""
-    return {k: v for k, v in TRAIN.items() if not (CLI.get("smoke") and k in ts.SMOKE)}
+    return {**{k: v for k, v in TRAIN.items() if not (CLI.get("smoke") and k in ts.SMOKE)}, **TASK}
 
 def configure(**run):
     """(settings, new untrained model, tokenizer) of one run: train_small's defaults, then TRAIN, the
@@ -78,7 +80,7 @@ def base_model(**run):
     """The base model of these settings (stage 0, cached): (settings, model, tokenizer, its file's
     name, the default task)."""
     cfg, model, tok = configure(**run)
-    held, sample_train, _ = common.arith_task(cfg.data_seed, cfg.n_eval)
+    held, sample_train, _ = common.load_task(cfg, tok, None, None)
     path = toy_base.cached_base(cfg, model, tok, sample_train, cache_dir)
     return cfg, model, tok, os.path.basename(path), (held, sample_train)
 
@@ -99,13 +101,13 @@ def trained(cfg, tok, start, start_name, method, sample_train, data="+*", estima
         print(f"reusing {method} model {path}")
         return model, os.path.basename(path), saved["entropy"]
     log = []
-    ts.distill(cfg, ts.distiller(cfg, model), tok, method, sample_train, common.verify_arith, estimator=ESTIMATORS[estimator],
+    ts.distill(cfg, ts.distiller(cfg, model), tok, method, sample_train, common.verify_example, estimator=ESTIMATORS[estimator],
                on_log=lambda *a: log.append(entropy_stats(tok, *a)))
     common.write_atomic(path, {"model": model.state_dict(), "settings": settings, "entropy": log}, "wb")
     return model, os.path.basename(path), log
 
 def evaluate(cfg, tok, model, name, held):
-    return ts.evaluate(cfg, caopd.Distiller(model, None), tok, name, held, common.verify_arith)
+    return ts.evaluate(cfg, caopd.Distiller(model, None), tok, name, held, common.verify_example)
 
 # -----------------------------------------------------------------------------
 # estimators of the reverse KL and the entropy, for the ablations below
@@ -378,7 +380,7 @@ def gradient_noise(cfg, tok, model, sample_train):
     for b in range(grad_batches):
         exs = sample_train(rng, cfg.prompts_per_step)
         prompts, completions, teacher_prompts, *_ = ts.rollout_batch(
-            cfg, net, tok, "caopd", exs, common.verify_arith, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
+            cfg, net, tok, "caopd", exs, common.verify_example, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
         for e, fn in ESTIMATORS.items():
             model.zero_grad(set_to_none=True)
             ts.kl_backward(cfg, net, prompts, completions, teacher_prompts, fn)

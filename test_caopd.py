@@ -248,32 +248,54 @@ EX = {"id": "017+305", "question": "Solve 017+305 and end with your confidence."
       "reference": "Answer: 322", "kind": "add"}
 
 def test_the_three_replacements_on_a_real_toy_prompt():
-    rollout = "Answer: 322\nConfidence: 0.9"
-    p_acc = caopd.empirical_confidence([1, 0, 0, 1, 0, 1, 0, 0], 8)[0]
+    rollouts, correct = ["Answer: 322\nConfidence: 0.9"] * 8, [1, 0, 0, 1, 0, 1, 0, 0]
+    completions, context, p_acc = caopd.distillation_targets("caopd", rollouts, correct, EX["reference"], "demo",
+                                                             arith.DECIMALS)
     assert p_acc == 0.375
-    completion, shown, note = caopd.with_empirical_confidence(rollout, p_acc, arith.DECIMALS)
-    assert completion == "Answer: 322\nConfidence: 0.4"  # 1. the student completion
-    opd = caopd.teacher_prompt("demo", EX["question"], EX["reference"], 1.0, None, arith.DECIMALS)
-    ca = caopd.teacher_prompt("demo", EX["question"], EX["reference"], shown, note, arith.DECIMALS)
+    assert completions == ["Answer: 322\nConfidence: 0.4"] * 8  # a. the student completion
+    same, opd_context, _ = caopd.distillation_targets("opd", rollouts, correct, EX["reference"], "demo", arith.DECIMALS)
+    assert same is rollouts  # plain OPD trains on its rollouts as sampled
+    opd = caopd.teacher_prompt(EX["question"], arith.DECIMALS, **opd_context)
+    ca = caopd.teacher_prompt(EX["question"], arith.DECIMALS, **context)
     assert opd == ("Solve 017+305 and end with your confidence.\nThis is an example for a response to the question:\n"
                    "Answer: 322\nConfidence: 1.0\nNow answer with a response of your own.\n")
     assert ca == ("Solve 017+305 and end with your confidence.\nThis is an example for a response to the question:\n"
-                  "Answer: 322\nConfidence: 0.4\n"  # 2. the demonstrated confidence
+                  "Answer: 322\nConfidence: 0.4\n"  # b. the demonstrated confidence
                   "Note: The empirical confidence for this question is 0.4. Output this exact value in the "
-                  "'Confidence:' field.\n"  # 3. the Note line
+                  "'Confidence:' field.\n"  # c. the Note line
                   "Now answer with a response of your own.\n")
     # the edited completion continues the student prompt token by token and ends in one confidence token
-    assert ENC.decode(ENC.encode(completion)[-1:]) == " 0.4"
+    assert ENC.decode(ENC.encode(completions[0])[-1:]) == " 0.4"
+
+@pytest.mark.parametrize("parts", ["", "a", "b", "c", "ab", "ac", "bc"])
+def test_each_replacement_alone_and_left_out(parts):
+    rollouts, correct = ["Answer: 322\nConfidence: 0.9", "Answer: 321\nConfidence: 0.8"], [1, 0]
+    completions, context, p_acc = caopd.distillation_targets("caopd", rollouts, correct, EX["reference"], "demo", 1,
+                                                             parts=parts)
+    assert p_acc == 0.5
+    if "a" in parts:
+        assert completions == ["Answer: 322\nConfidence: 0.5", "Answer: 321\nConfidence: 0.5"]
+    else:
+        assert completions is rollouts
+    assert context == dict(template="demo", solution=EX["reference"], confidence=0.5 if "b" in parts else 1.0,
+                           note=0.5 if "c" in parts else None)
 
 def test_the_replacements_on_the_correct_solution_template():
-    solution = "Answer: 322\nConfidence: 0.2"  # a verified rollout states its own confidence; it is replaced
-    opd = caopd.teacher_prompt("correct_solution", EX["question"], solution, 1.0, None, 2)
-    ca = caopd.teacher_prompt("correct_solution", EX["question"], solution, *caopd.with_empirical_confidence(solution, 0.625, 2)[1:], 2)
+    rollouts = ["Answer: 321\nConfidence: 0.9", "Answer: 322\nConfidence: 0.2", "Answer: 322\nConfidence: 0.3"]
+    _, opd_context, _ = caopd.distillation_targets("opd", rollouts, [0, 1, 1], EX["reference"], "correct_solution", 2)
+    _, context, p = caopd.distillation_targets("caopd", rollouts * 8, [0, 1, 1] * 3 + [0] * 15, EX["reference"],
+                                               "correct_solution", 2)
+    assert opd_context["solution"] is rollouts[1] and context["solution"] is rollouts[1]  # the first verified one
+    assert p == 0.25
+    opd = caopd.teacher_prompt(EX["question"], 2, **opd_context)
+    ca = caopd.teacher_prompt(EX["question"], 2, **{**context, "confidence": 0.625, "note": 0.625})
     assert opd == ("Solve 017+305 and end with your confidence.\nCorrect solution:\nAnswer: 322\nConfidence: 1.00\n"
-                   "Correctly solve the original question.\n")
+                   "Correctly solve the original question.\n")  # a verified rollout's own confidence is replaced
     assert "Correct solution:\nAnswer: 322\nConfidence: 0.62\n" in ca  # .2f of 0.625 (round half even)
     assert "Note: The empirical confidence for this question is 0.62." in ca
     assert "0.2" not in ca.replace("0.62", "")
+    _, none_right, _ = caopd.distillation_targets("caopd", rollouts, [0, 0, 0], EX["reference"], "correct_solution", 2)
+    assert none_right["solution"] is EX["reference"]  # no verified rollout: the reference
 
 def test_set_confidence_without_a_confidence_line():
     assert caopd.set_confidence("Answer: 3", 0.5, 1) == "Answer: 3\nConfidence: 0.5"
@@ -286,7 +308,7 @@ def _tiny_model(seed=0):
 
 def test_kv_cache_sampling_equals_full_forward_greedy():
     model = _tiny_model()
-    prompts = [ENC.encode(caopd.student_prompt(arith.QUESTION.format(a=a, op="+", b=b))) for a, b in [(1, 2), (34, 5), (999, 0)]]
+    prompts = [ENC.encode((arith.QUESTION.format(a=a, op="+", b=b) + "\n")) for a, b in [(1, 2), (34, 5), (999, 0)]]
     with_cache = caopd.sample(model, prompts, 20, ENC.eot_token, temperature=0)
     without = caopd.sample(model, prompts, 20, ENC.eot_token, temperature=0, use_cache=False)
     assert with_cache == without and all(len(c) == 20 for c in with_cache)  # random weights: no early END
@@ -300,7 +322,7 @@ def test_kv_cache_sampling_equals_full_forward_greedy():
 
 def test_sampler_stops_at_end_and_samples_with_temperature_and_top_k():
     model = _tiny_model()
-    prompt = ENC.encode(caopd.student_prompt(EX["question"]))
+    prompt = ENC.encode((EX["question"] + "\n"))
     with torch.no_grad():  # make END the most likely token after the prompt
         h = model(torch.tensor([prompt]))[0, -1]
         model.wte.weight[ENC.eot_token] = 100 * h / h.norm()
@@ -375,11 +397,12 @@ def test_every_spelling_is_read_and_replaced_on_chat_text(label):
     text = CHAT_ANSWER.format(label=label)
     assert caopd.parse_confidence(text) == 0.85
     assert tasks.verify_science("B", text)
-    completion, shown, note = caopd.with_empirical_confidence(text, 0.375, 2)
+    completions, _, p_acc = caopd.distillation_targets("caopd", [text] * 8, [1, 1, 1, 0, 0, 0, 0, 0], "", "demo", 2)
+    completion = completions[0]
     # the answer is kept, the label (its emphasis too) and all after it replaced: one confidence line
     assert completion == "<reasoning>\nCCO is ethanol, C2H6O: **46.069 g/mol**.\n</reasoning>\n<answer>\nB\n</answer>\n\nConfidence: 0.38"
     assert caopd.parse_confidence(completion) == 0.38 and len(caopd.CONFIDENCE.findall(completion)) == 1
-    ca = caopd.teacher_prompt("demo", QUESTION, text, shown, note, 2)  # the demonstrated solution's value too
+    ca = caopd.teacher_prompt(QUESTION, 2, "demo", text, p_acc, p_acc)  # the demonstrated solution's value too
     assert "</answer>\n\nConfidence: 0.38\nNote: The empirical confidence for this question is 0.38." in ca
     assert "0.85" not in ca and "Let me know" not in ca
 
@@ -421,7 +444,7 @@ def test_split_is_deterministic_and_held_out():
     import random
     ids = {e["id"] for e in held}
     assert not ids & {e["id"] for e in sample_train(random.Random(0), 2000)}
-    assert len({len(ENC.encode(caopd.student_prompt(e["question"]))) for e in held}) == 1  # one batch
+    assert len({len(ENC.encode((e["question"] + "\n"))) for e in held}) == 1  # one batch
 
 def test_held_out_questions_that_run_out_are_an_error_not_a_hang(monkeypatch):
     # 1-2 digit products: 10,000 ids, of which exactly 1954 are held out with data_seed 0
@@ -828,7 +851,7 @@ def test_help_lists_every_setting_with_its_default_and_comment():
             assert text and f"{group}:" in r.stdout, name  # every setting has its comment, under its group
     assert "--lr=0.0003 at the first step, then cosine to min_lr" in " ".join(r.stdout.split())  # train_small's, too
     text, group = train_small.SETTINGS["ema_rate"][1:]
-    assert text.endswith("a frozen teacher keeps the format (1.00)") and group == "teacher"  # comment lines go on
+    assert text == "teacher <- (1 - a) teacher + a student after every step; 0 = a frozen teacher" and group == "teacher"
 
 def test_help_into_a_closed_pipe_exits_0_without_a_traceback():
     """`--help | head`: the reader leaves early. Here it has left before the first byte (a pipe whose
@@ -888,23 +911,50 @@ def test_smoke_run_end_to_end(tmp_path):
     keys = {"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "n", "format_rate", "clipped_rate",
             "format_ok"}
     for m in res["models"].values():
-        assert set(m) == keys and m["n"] == 64 and m["format_ok"] is True
+        assert set(m) == keys and m["n"] == 16 and m["format_ok"] is True
     lines = (out / "completions.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 64 and {"model", "completion", "correct", "confidence"} <= set(json.loads(lines[0]))
+    assert len(lines) == 3 * 16 and {"model", "completion", "correct", "confidence"} <= set(json.loads(lines[0]))
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert "opd   step" in r.stdout and "caopd step" in r.stdout
     assert "smoke run: every stage shrunk to seconds" in r.stdout and "its numbers mean nothing" in r.stdout
     assert "eval base" in r.stderr  # the evaluation's progress bar
     assert r.stdout.count("base step") <= 6 and "checkpoint: base" not in r.stdout  # stage 0 prints a few lines
+    # the methods train differently: their steps' losses and their weights differ
+    kl = {m: [l.split("|")[1] for l in r.stdout.splitlines() if l.startswith(f"{m:5s} step")] for m in ("opd", "caopd")}
+    assert kl["opd"] != kl["caopd"] and len(kl["opd"]) == 3
+    opd, ca = (torch.load(out / f"{m}.pt", weights_only=True)["model"] for m in ("opd", "caopd"))
+    assert max((opd[k] - ca[k]).abs().max().item() for k in opd) > 1e-4
     # the base model is cached: a second run reuses it
     r2 = _run("--smoke=True", f"--out_dir={out}", "--method=caopd")
     assert r2.returncode == 0 and "reusing base model" in r2.stdout
     assert set(json.loads((out / "results.json").read_text())["models"]) == {"base", "caopd"}
 
+def test_smoke_questions_exercise_p_acc_and_the_correct_solution(tmp_path):
+    """--smoke's student is right now and then: some questions have 0 < P_acc < 1, and the
+    correct_solution context shows one of its verified rollouts, not the reference."""
+    import random
+    import train_small
+    cfg = train_small.settings(smoke=True, teacher_context="correct_solution", out_dir=str(tmp_path), device="cpu")
+    base, tok, context, _ = common.load_model(cfg)
+    held, sample_train, verify = common.load_task(cfg, tok, None, context)
+    toy_base.cached_base(cfg, base, tok, sample_train, str(tmp_path))
+    net, rng, p_acc, shown = train_small.distiller(cfg, base), random.Random(cfg.seed + 1), [], []
+    for step in range(cfg.steps):  # distill's questions and rollouts
+        exs = sample_train(rng, cfg.prompts_per_step)
+        *_, texts, correct, p = train_small.rollout_batch(cfg, net, tok, "caopd", exs, verify, step,
+                                                          (0, cfg.prompts_per_step * cfg.K))
+        p_acc += p
+        for g, ex in enumerate(exs):
+            group, ok = texts[g * cfg.K:(g + 1) * cfg.K], correct[g * cfg.K:(g + 1) * cfg.K]
+            solution = caopd.distillation_targets("caopd", group, ok, ex["reference"], cfg.teacher_context, 1)[1]["solution"]
+            if any(ok):
+                shown.append(solution is group[ok.index(True)])
+    assert any(0 < p < 1 for p in p_acc) and shown and all(shown)
+
 # -----------------------------------------------------------------------------
 # runs that survive: determinism, resume after SIGKILL, corrupt checkpoints, non-finite steps
 
-RUN = ("--smoke=True", "--steps=24", "--ckpt_every=4", "--n_eval=32")
+RUN = ("--smoke=True", "--steps=24", "--ckpt_every=4", "--n_eval=16")
 
 def _without_seconds(out):
     res = json.loads((out / "results.json").read_text())
@@ -1114,7 +1164,8 @@ def test_enable_thinking_reaches_the_template_for_student_and_teacher(tmp_path):
             "true": "<|im_start|>assistant\n<think>\n"}
     for value, end in tail.items():
         student = tok.decode(common.student_tokens(tok, ex, value))
-        teacher = tok.decode(common.teacher_tokens(tok, ex, "demo", "Sodium.\nConfidence: 0.9", 0.5, 0.5, value))
+        teacher = tok.decode(common.teacher_tokens(tok, ex, dict(template="demo", solution="Sodium.\nConfidence: 0.9",
+                                                                   confidence=0.5, note=0.5), value))
         assert student == "<|im_start|>user\nWhich element is Na?<|im_end|>\n" + end
         assert teacher.startswith("<|im_start|>user\nWhich element is Na?\nThis is an example") and teacher.endswith(
             "Now answer with a response of your own.\n<|im_end|>\n" + end)
@@ -1566,8 +1617,9 @@ def test_topk_with_a_tail_bucket():
         assert experiments.topk_tail_kl(hs, ws, ht, wt, w, k=k) <= full + 1e-12
 
 def test_smoothed_p_acc():
-    assert caopd.empirical_confidence([1, 1, 0, 0, 0, 0, 0, 0], 4, smoothed=True) == [3 / 6, 1 / 6]
-    assert caopd.empirical_confidence([1, 1, 0, 0], 2) == [1.0, 0.0]
+    assert caopd.empirical_confidence([1, 1, 0, 0], smoothed=True) == 3 / 6
+    assert caopd.empirical_confidence([0, 0, 0, 0], smoothed=True) == 1 / 6
+    assert caopd.empirical_confidence([1, 1]) == 1.0 and caopd.empirical_confidence([0, 1]) == 0.5
 
 def test_question_generators_keep_the_training_task_and_group_by_length():
     import random

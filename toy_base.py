@@ -28,6 +28,11 @@ import common
 from data import arith
 from common import encode, student_tokens, teacher_tokens
 
+# The teacher contexts the base learns to read: the paper's two. A template added to caopd.TEMPLATES
+# later is not among them, so it changes neither the base nor its cache key (and the toy's teacher
+# meets it for the first time when distilling).
+BASE_TEMPLATES = ("demo", "correct_solution")
+
 def base_batch_rows(cfg, tok, rng, sample_train):
     """Rows (prompt tokens, completion tokens, targets, soft): targets are the completion tokens with
     -1 where not trained; soft is None, or the shown confidence c whose neighbourhood the stated
@@ -35,14 +40,13 @@ def base_batch_rows(cfg, tok, rng, sample_train):
     with standard deviation base_conf_sigma (see soft_confidence_loss).
     Two thirds of the rows are student format, where the arithmetic is learned, with a broad
     confidence prior, N(0.6, 0.3) on [0, 1], so reverse KL has probability mass to move (its
-    gradient scales with the student's own probabilities). (Half and half gave a base right 0.30
-    instead of 0.46 of the time in a development run on seed 1, and costs more: teacher rows are
-    3x longer.)
+    gradient scales with the student's own probabilities). Teacher rows are 3x longer, and fewer
+    of them leave more of the budget to the arithmetic (docs/notebook.md has the measurements).
     One third are teacher format, three ways, each with the soft target around the confidence c
     it is shown: c = 1.0 (plain OPD's context: else the teacher never says 1.0); c ~ U[0,1]; the
-    same plus the Note line. (In a development run, a hard target for c = 1.0 made the teacher
-    shown 1.0 far sharper than the parabola, and CaOPD's student said 1.0 to additions it got
-    right 88% of the time.) Both teacher templates appear, with the reference answer as solution.
+    same plus the Note line. The target is soft for c = 1.0 too: a teacher far sharper there than
+    the parabola would pull a student to 1.0 where its success rate is lower. Both teacher
+    templates appear (BASE_TEMPLATES), with the reference answer as solution.
     In half of the Note rows the completion's answer is a wrong one (context only, not trained):
     the teacher must state the Note's value after a wrong rollout too. Otherwise it learns to grade
     each rollout against the demonstration (1.0 if it matches, 0.0 if not), information the
@@ -57,8 +61,9 @@ def base_batch_rows(cfg, tok, rng, sample_train):
         else:
             way = rng.randrange(3)
             target = soft = shown = 1.0 if way == 0 else round(rng.random(), places)
-            prompt = teacher_tokens(tok, ex, rng.choice(list(caopd.TEMPLATES)), ex["reference"], shown,
-                                    shown if way == 2 else None, cfg.enable_thinking)
+            context = dict(template=rng.choice(BASE_TEMPLATES), solution=ex["reference"], confidence=shown,
+                           note=shown if way == 2 else None)
+            prompt = teacher_tokens(tok, ex, context, cfg.enable_thinking)
         skip = 0
         if way == 2 and rng.random() < 0.5:  # a near miss: one digit off
             answer = f"Answer: {(ex['answer'] + rng.choice((-1, 1)) * 10 ** rng.randrange(4)) % 10000:04d}"
@@ -73,12 +78,11 @@ def base_batch_rows(cfg, tok, rng, sample_train):
 def soft_confidence_loss(logq, shown, sigma, shape):
     """The teacher's stated confidence, trained soft: logq (n, 11) are the log-probabilities of the
     values 0.0 ... 1.0 at the confidence token, shown (n,) the value c in each row's context.
-    Why: reverse KL toward the teachers of many questions makes the student their geometric mean,
-    log s(v) = mean over questions of log t_c(v) + const, c being each question's P_acc. When
-    log t_c(v) = -(v - c)^2 / (2 sigma^2) + const over the whole range, that mean peaks at the mean of
-    the c: the student's most likely (greedy) value is the mean P_acc of the questions it cannot tell
-    apart. A teacher with flat tails (hard targets plus a little noise) pulls it to whichever end is
-    more common instead, and the student says only 0.0-0.1 or 0.9-1.0. So: cross-entropy toward
+    Why a parabola: the student states the mean P_acc of the questions it cannot tell apart when
+    each teacher's log t_c(v) is -(v - c)^2 / (2 sigma^2) + const over the whole range (the geometric
+    mean of such teachers peaks at the mean of their c: caopd.py, above distillation_targets). A
+    teacher with flat tails (hard targets plus a little noise) pulls it to whichever end is more
+    common instead, and the student says only 0.0-0.1 or 0.9-1.0. So: cross-entropy toward
     w(v) ~ exp(-(v - c)^2 / (2 sigma^2)), plus `shape` x the squared error of the centred
     log-probabilities against that parabola (cross-entropy alone hardly trains the far tails, whose
     weights are tiny). Returns the sum over rows."""
@@ -133,11 +137,12 @@ def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None):
     give the same base, so it is trained once and reused. Returns the file's path."""
     settings = {k: getattr(cfg, k) for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
                                              "block_size", "base_steps", "base_batch", "base_lr", "base_warmup",
-                                             "base_conf_sigma", "base_conf_shape")}
+                                             "base_conf_sigma", "base_conf_shape", "arith_ops", "arith_digits")}
     # editing the curriculum, its loss or the held-out rule must not reuse a stale base
     curriculum = [inspect.getsource(f) for f in (base_batch_rows, soft_confidence_loss, train_base, arith.is_held,
                                                  arith.make_example)] + [arith.HELD_FRACTION, arith.QUESTION]
-    key = hashlib.sha256(json.dumps([settings, caopd.output_weight(base).shape[0], caopd.TEMPLATES,
+    templates = [{t: caopd.TEMPLATES[t] for t in BASE_TEMPLATES}, caopd.NOTE]
+    key = hashlib.sha256(json.dumps([settings, caopd.output_weight(base).shape[0], templates,
                                      curriculum]).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"base-{key}.pt")
     if os.path.exists(path):

@@ -38,14 +38,12 @@ from parallel import RANK, WORLD
 # settings: every global in this block is a setting, overridden as --key=value (the type must
 # match); `python train_small.py --help` prints them with the comments beside them
 # I/O
-out_dir = "out"            # results.json, reliability.png, completions.jsonl, ckpt.pt, the cached base model
-export_dtype = "auto"      # a Hugging Face student is exported to out_dir/hf in "auto" (the dtype of the files it
-                           # was loaded from), "float32" or "bfloat16"
-init_from = "scratch"      # "scratch" (the toy GPT, trained here in stage 0), "resume" (continue the run
-                           # in out_dir from its checkpoint), or a Hugging Face model id or local directory
+out_dir = "out"            # results.json, reliability.png, completions.jsonl, ckpt.pt and the cached base model
+export_dtype = "auto"      # a Hugging Face student's out_dir/hf: "auto" (its files' dtype), "float32", "bfloat16"
+init_from = "scratch"      # "scratch" (the toy GPT), "resume" (the run in out_dir), or a Hugging Face model
 seed = 0                   # training seed (base model, rollouts); OPD and CaOPD share it
 method = "both"            # "opd", "caopd", or "both" (OPD then CaOPD from the same base)
-smoke = False              # shrink every stage to check the machinery in seconds (not the science)
+smoke = False              # shrink every stage and the toy's questions to check the machinery in seconds
 ckpt_every = 50            # steps between checkpoints; every stage also ends with one
 max_bad_steps = 5          # non-finite losses or gradients in a row before the run stops
 # task
@@ -53,69 +51,59 @@ task = "arith"             # "arith" (generated in code), "science" or "tooluse"
 data = ""                  # science / tooluse: training JSONL ("" = data/<task>/train.jsonl)
 eval_data = ""             # science / tooluse: held-out JSONL ("" = data/<task>/eval.jsonl)
 data_seed = 0              # arith: fixes the held-out questions, so every run is scored on the same ones
-n_eval = 4000              # held-out questions (science / tooluse: the first n_eval of eval_data); at 4000 a
-                           # calibrated model's ECE is 0.014 +- 0.004 from sampling alone (0.027 at 1000)
-enable_thinking = "default"  # a Hugging Face chat template's enable_thinking, for student and teacher prompts
-                           # alike: "default" (the template's own: Qwen3 thinks), "true" or "false" (Qwen3: an
-                           # empty <think></think>, no thinking). A template that never reads it ignores it, and
-                           # the run says so
+arith_ops = "+*"           # arith: the operations asked ("+", "*", "-")
+arith_digits = 0           # arith: operands of 1 .. arith_digits digits (0: 3 for sums, 2 for products)
+n_eval = 4000              # held-out questions (science / tooluse: the first n_eval of eval_data)
+enable_thinking = "default"  # a chat template's enable_thinking: "default" (the template's own), "true", "false"
 # model (the toy GPT, trained from scratch in stage 0)
 n_layer = 4                # transformer blocks
 n_head = 4                 # attention heads per block
 n_embd = 128               # width of the residual stream
 block_size = 128           # longest sequence; the toy's longest teacher prompt + completion is ~90 tokens
-# stage 0: supervised base model (the toy curriculum, toy_base.py; a pretrained model skips it unless base_steps is given)
+# stage 0: the toy's supervised base model (toy_base.py); a pretrained model is the base unless base_steps is given
 base_steps = 500           # optimizer steps
 base_batch = 64            # questions per step
 base_lr = 2e-3             # peak learning rate of AdamW
 base_warmup = 100          # linear warm-up steps, then cosine decay to 0.1 x base_lr
-base_conf_sigma = 0.15     # the teacher's stated confidence is trained toward a Gaussian of this standard
-base_conf_shape = 0.1      # deviation around the value it is shown, with this weight on the shape of its
-                           # log-probabilities (a parabola): see toy_base.soft_confidence_loss
+base_conf_sigma = 0.15     # the teacher's stated confidence is trained toward a Gaussian of this width
+base_conf_shape = 0.1      # the weight on that Gaussian's log-probabilities' shape (toy_base.soft_confidence_loss)
 # rollouts
-steps = 400                # distillation steps, per method. More steps show the student more questions with their
-                           # P_acc, and it tells apart the ones it gets right within a kind: AUROC +0.010..+0.028
-                           # over 260 steps on each of 5 development seeds (docs/notebook.md)
+steps = 400                # distillation steps, per method
 prompts_per_step = 16      # over all processes (torchrun): each takes an equal share
 K = 8                      # rollouts per prompt; P_acc = correct / K
-smooth_p_acc = False       # P_acc = (correct + 1) / (K + 2) instead (never 0 or 1 from few rollouts)
-temperature = 0.3          # of the rollouts. Evaluation is greedy; at 1.0 rollouts are right far less often
-                           # than greedy answers (0.24 vs 0.38 for a base model), so P_acc would undershoot
+smooth_p_acc = False       # P_acc = (correct + 1) / (K + 2) instead, never 0 or 1 from a few rollouts
+temperature = 0.3          # of the rollouts (evaluation is greedy)
 top_k = 0                  # 0 = sample from the full vocabulary
 max_new_tokens = 12        # of a completion; the toy's "Answer: 6887\nConfidence: 0.7" + the end token is 12
 eval_batch = 500           # questions per greedy evaluation call
 # teacher
-teacher_context = "demo"   # "demo" (reference answer) or "correct_solution" (a verified rollout)
-ema_rate = 0.0             # teacher <- (1 - a) teacher + a student after every step; 0 = frozen.
-                           # The paper's 0.01 let teacher and student drift together here until the
-                           # student wrote "Answer:" where "Confidence:" belongs (format rate 0.08
-                           # after 300 CaOPD steps); a frozen teacher keeps the format (1.00)
+teacher_context = "demo"   # a caopd.TEMPLATES name: "demo" (the reference) or "correct_solution" (a verified rollout)
+ema_rate = 0.0             # teacher <- (1 - a) teacher + a student after every step; 0 = a frozen teacher
+caopd_parts = "abc"        # CaOPD's replacements: a the completion's, b the shown solution's confidence, c the Note
 # loss
-loss = "reverse"           # "reverse" KL(student||teacher), "forward" KL(teacher||student), or "jsd"
+loss = "reverse"           # a caopd.DIVERGENCES name: "reverse" KL(student||teacher), "forward", or "jsd"
 jsd_beta = 0.5             # the generalized JSD's mixing weight (loss="jsd" only)
-skip_tokens = 0            # completion tokens left out of the loss; the toy's answer starts at token 2,
-                           # so skipping 3 (the reference code's default) would drop its first digit
+fused = True               # the fused loss kernel (False: the same loss in plain autograd, any divergence)
+skip_tokens = 0            # completion tokens left out of the loss (the authors' release skips 3)
 lr = 3e-4                  # at the first step, then cosine to min_lr at the last
-min_lr = 0.0               # 0: the final model averages the P_acc of its last stretch of steps (see distill)
+min_lr = 0.0               # the learning rate at the last step
 grad_clip = 1.0            # gradient norm clip
 # system
 device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
-dtype = "auto"             # compute precision: "auto" (bfloat16 autocast on a GPU that has it, else float32),
-                           # "float32" or "bfloat16". Weights, gradients, optimizer and an EMA teacher stay float32
-micro_batch = 0            # sequences per forward/backward pass (student, and the teacher's forward); 0 = all of
-                           # a step. The step's loss and gradient are the same; activation memory follows micro_batch
-rollout_batch = 0          # rollouts per sampling call; 0 = all of a step. Their KV cache follows it; fewer, larger
-                           # calls are faster (each decoding step reads the weights once per call)
-grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+dtype = "auto"             # compute: "auto" (bfloat16 autocast on a GPU that has it), "float32", "bfloat16"
+micro_batch = 0            # sequences per forward/backward pass (0 = all of a step's): activation memory
+rollout_batch = 0          # rollouts per sampling call (0 = all of a step's): their KV cache
+grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory, more compute
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
-fsdp = False               # under torchrun: shard weights, gradients and AdamW's state across the processes
-                           # (FSDP2) instead of holding the whole model in each (DistributedDataParallel)
+fsdp = False               # under torchrun: shard weights, gradients and AdamW's state (FSDP2) instead of DDP
 log_every = 25             # steps between printed lines
 eval_every = 0             # steps between held-out evaluations during distillation (0 = only at the end)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals(), __file__)  # name -> (default, help, group)
-SMOKE = dict(base_steps=40, base_batch=16, base_warmup=10, steps=4, prompts_per_step=4, K=4, n_eval=64, log_every=2,
-             ckpt_every=2)
+# --smoke: one-digit sums, which a base of 40 steps already gets right now and then, so some questions
+# have 0 < P_acc < 1, correct_solution finds verified rollouts and OPD and CaOPD train differently
+SMOKE = dict(base_steps=40, base_batch=16, base_warmup=10, steps=4, prompts_per_step=4, K=4, n_eval=16, log_every=2,
+             ckpt_every=2, arith_ops="+", arith_digits=1)
 
 def settings(**overrides):
     """The settings of a run: the defaults above, --smoke's smaller ones, then `overrides`; checked.
@@ -138,8 +126,14 @@ def check_settings(cfg):
          "needs a pretrained model: add --init_from=<Hugging Face model id or directory>"),
         (c.task == "arith" or c.base_steps == 0, "base_steps", "stage 0 is the toy curriculum: --task=arith only"),
         (c.teacher_context in caopd.TEMPLATES, "teacher_context", f"must be one of {list(caopd.TEMPLATES)}"),
+        (set(c.caopd_parts) <= set("abc") and len(c.caopd_parts) == len(set(c.caopd_parts)), "caopd_parts",
+         "must be letters of 'abc', each at most once ('' trains like OPD)"),
+        (c.arith_ops and set(c.arith_ops) <= set("+*-"), "arith_ops", "must be one or more of '+', '*', '-'"),
+        (c.arith_digits >= 0, "arith_digits", "must be >= 0 (0: 3 for sums, 2 for products)"),
         (c.enable_thinking in ("default", "true", "false"), "enable_thinking", "must be 'default', 'true' or 'false'"),
-        (c.loss in ("reverse", "forward", "jsd"), "loss", "must be 'reverse', 'forward' or 'jsd'"),
+        (c.loss in caopd.DIVERGENCES, "loss", f"must be one of {list(caopd.DIVERGENCES)}"),
+        (not c.fused or c.loss in ("reverse", "forward", "jsd"), "loss",
+         "has no fused kernel (its gradients are hand-derived for reverse, forward and jsd): add --fused=False"),
         (0 <= c.jsd_beta <= 1, "jsd_beta", "must be in [0, 1]"),
         (c.K >= 1, "K", "must be >= 1"),
         (c.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)"),
@@ -186,7 +180,7 @@ def distiller(cfg, model):
         teacher = common.frozen_copy(model, torch.bfloat16)
     else:  # an EMA teacher's small updates need float32, like the student's
         teacher = copy.deepcopy(model)
-    net = caopd.Distiller(model, teacher.requires_grad_(False), cfg.loss, cfg.jsd_beta)
+    net = caopd.Distiller(model, teacher.requires_grad_(False), cfg.loss, cfg.jsd_beta, cfg.fused)
     return parallel.wrap(net, cfg.fsdp, cfg.device)
 
 @torch.no_grad()
@@ -199,11 +193,11 @@ def reset_teacher(net):
 def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
     """Steps 1-3 of a distillation step for this process's questions exs: K rollouts each, their
     verdicts and P_acc, then the training completions and the teacher's prompts.
-    Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc)."""
+    Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc per question)."""
     K, places, end = cfg.K, common.decimals(tok), common.end_id(tok)
-    # 1. K rollouts per prompt, all in one batched call (or rollout_batch rows at a time). Its random numbers come
-    # from a generator seeded by s: the same rollouts after a resume, and for any number of processes or
-    # calls (each call draws the uniforms of the whole batch and keeps its rows')
+    # 1. K rollouts per prompt, all in one batched call (or rollout_batch rows at a time). Their random numbers
+    # come from a generator seeded by the step: the same rollouts after a resume, and for any number of
+    # processes or calls (each call draws the uniforms of the whole batch and keeps its rows')
     rendered = [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs]  # each question rendered once
     prompts = [p for p in rendered for _ in range(K)]
     rollouts, mb = [], cfg.rollout_batch or len(prompts)
@@ -214,28 +208,23 @@ def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
                 rollouts += parallel.inner(net).sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature,
                                                        cfg.top_k, gen, rows=(rows[0] + a, rows[1]))
     texts = [decode(tok, r) for r in rollouts]
-    # 2. verify them; P_acc per prompt
+    # 2. verify them
     correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
-    p_acc = caopd.empirical_confidence(correct, K, cfg.smooth_p_acc)
-    # 3. the training completions and the teacher's prompts
-    completions, teacher_prompts = [], []
+    # 3. per question, what the method trains on: caopd.distillation_targets, the one place OPD and CaOPD differ
+    completions, teacher_prompts, p_acc = [], [], []
     for g, ex in enumerate(exs):
-        group = range(g * K, g * K + K)  # this question's K rollouts
-        solution = ex["reference"]
-        if cfg.teacher_context == "correct_solution":  # first verified rollout of this prompt, else the reference
-            solution = next((texts[j] for j in group if correct[j]), solution)
-        for i in group:
-            text = texts[i]
-            tokens, shown, note = rollouts[i], 1.0, None  # plain OPD: the teacher is shown certainty
-            if method == "caopd":  # the one change: P_acc in the completion, the solution and a Note
-                text, shown, note = caopd.with_empirical_confidence(text, p_acc[g], places)
-                # re-encoded: the body keeps at most the rollout's own budget of tokens (a rollout of
-                # stray bytes decodes to U+FFFD, 3 bytes each, and would come back 3x longer)
+        group, sampled = slice(g * K, g * K + K), texts[g * K:g * K + K]
+        targets, context, p = caopd.distillation_targets(method, sampled, correct[group], ex["reference"],
+                                                         cfg.teacher_context, places, cfg.smooth_p_acc, cfg.caopd_parts)
+        if targets is sampled:  # left as sampled: train on the sampled tokens themselves
+            completions += rollouts[group]
+        else:  # rewritten, so re-encoded; the body keeps at most the rollout's budget of tokens (a rollout of
+            # stray bytes decodes to U+FFFD, 3 bytes each, and would come back 3x longer)
+            for text in targets:
                 body, line = caopd.split_confidence(text)  # line: the new "Confidence: P_acc", the only label left
-                tokens = common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, line) + [end]
-            completions.append(tokens)
-        # one teacher prompt per question: the K rollouts share solution, shown confidence and Note
-        teacher_prompts += [teacher_tokens(tok, ex, cfg.teacher_context, solution, shown, note, cfg.enable_thinking)] * K
+                completions.append(common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, line) + [end])
+        teacher_prompts += [teacher_tokens(tok, ex, context, cfg.enable_thinking)] * K  # one per question
+        p_acc.append(p)
     return prompts, completions, teacher_prompts, texts, correct, p_acc
 
 def kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator=None):

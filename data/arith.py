@@ -16,13 +16,21 @@ An example: {"id": "017+305", "question": "Solve 017+305 and end with your confi
              "messages": [{"role": "user", "content": <the question>}], "answer": 322,
              "reference": "Answer: 0322", "kind": "add"}
 (messages is the question as a chat: the shape of every task's examples; see train_small.py)
-The student answers "Answer: 0322\nConfidence: 0.7"; caopd.verify checks the integer.
+The student answers "Answer: 0322\nConfidence: 0.7"; caopd.verify_arith checks the integer.
 """
 import hashlib
 import random
 
 QUESTION = "Solve {a:03d}{op}{b:03d} and end with your confidence."
-VOCAB_TEXT = QUESTION + "\nAnswer: 1\nConfidence: 1.0"  # every word the task writes: one token each
+# The toy tokenizer's words, one token each (caopd.toy_tokenizer): the question, the answer and
+# confidence lines, and the teacher contexts' words (caopd.TEMPLATES and NOTE as the toy was built
+# with them). Written out here, so that a template added later changes no token of the toy, and
+# with them the base model, its cache key and every number; its new words are spelled in bytes.
+VOCAB_TEXT = (QUESTION + "\nAnswer: 1\nConfidence: 1.0"
+              + "{question}\nThis is an example for a response to the question:\n{solution}\n{note}Now answer with a "
+              "response of your own.\n {question}\nCorrect solution:\n{solution}\n{note}Correctly solve the original "
+              "question.\nNote: The empirical confidence for this question is {p}. Output this exact value in the "
+              "'Confidence:' field.\n")
 DECIMALS = 1  # confidence is stated as 0.0, 0.1, ..., 1.0: one token each in the toy tokenizer
 
 def make_example(rng, ops="+*", digits=None):
