@@ -14,7 +14,7 @@ changes one thing, the confidence target:
        b. the confidence of the teacher's demonstrated solution,
        c. a Note line in the teacher prompt asking for exactly that value.
   4. Distill as before: per completion token, the full-vocabulary
-     reverse KL(student || teacher), gradient through the student.  -> teacher_prompt(), Distiller, fused_linear_kl()
+     reverse KL(student || teacher), gradient through the student.  -> Distiller, fused_linear_kl()
 
 Without step 3 this file is plain OPD: distillation_targets() is the whole difference, and the
 comment above it says why it works. The file reads top to bottom in the method's order:
@@ -83,12 +83,14 @@ class Block(nn.Module):
     def forward(self, x, kv=None, pos=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv is not None:  # write this call's keys/values at pos, attend to everything so far
             kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
         # causal: the T new tokens sit at positions pos .. pos + T - 1 and see everything before them
-        mask = None if T == 1 or pos == 0 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        mask = None if T == 1 or pos == 0 else \
+            torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0)
         x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
@@ -104,18 +106,21 @@ class GPT(nn.Module):
         self.grad_checkpoint = False  # recompute activations in the backward pass instead of keeping them
         for name, p in self.named_parameters():
             if p.dim() == 2:  # GPT-2 init, residual projections scaled down by depth
-                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("c_proj.weight", "mlp.2.weight")) else 0.02
+                residual = name.endswith(("c_proj.weight", "mlp.2.weight"))
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual else 0.02
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx, cache=None, pos=0):
         """idx (B, T) token ids -> final hidden states (B, T, C). Logits are hidden @ wte.weight.T
         (output_weight); the loss never forms them for all positions at once (see fused_linear_kl)."""
         T = idx.shape[1]
-        assert pos + T <= self.cfg.block_size, f"sequence of {pos + T} tokens > block_size {self.cfg.block_size}"
+        assert pos + T <= self.cfg.block_size, \
+            f"sequence of {pos + T} tokens > block_size {self.cfg.block_size}"
         x = self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache[i]
-            if self.grad_checkpoint and torch.is_grad_enabled():  # keep each block's input only, recompute the rest
+            # keep each block's input only, recompute the rest
+            if self.grad_checkpoint and torch.is_grad_enabled():
                 x = checkpoint(block, x, kv, pos, use_reentrant=False)
             else:
                 x = block(x, kv, pos)
@@ -124,7 +129,8 @@ class GPT(nn.Module):
     def new_cache(self, batch, length):
         c = self.cfg
         shape = (batch, c.n_head, length, c.n_embd // c.n_head)
-        return [(self.wte.weight.new_empty(shape), self.wte.weight.new_empty(shape)) for _ in range(c.n_layer)]
+        w = self.wte.weight
+        return [(w.new_empty(shape), w.new_empty(shape)) for _ in range(c.n_layer)]
 
 # -----------------------------------------------------------------------------
 # Rollouts: K completions per prompt, all prompts of a step in one batched call
@@ -141,7 +147,8 @@ def prefill(model, prompts, length):
     cache = model.new_cache(len(distinct), length)
     h = model(torch.tensor(list(distinct), device=device), cache)[:, -1]  # (U, C)
     # index_select, not h[rows]: advanced indexing is ~10x slower on CPU for these whole-row copies
-    return h.index_select(0, rows), [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]  # (B, C), (B, nh, length, hs) per layer
+    # (B, C), (B, nh, length, hs) per layer
+    return h.index_select(0, rows), [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]
 
 def hidden_states(model, idx):
     """Final hidden states (B, T, C) of our GPT or of a Hugging Face causal LM (its base model, so
@@ -154,7 +161,8 @@ def output_weight(model):
 
 def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
     """Logits of the next token, step by step: decode(None) for the first, decode(tokens (B,)) after."""
-    assert len({len(p) for p in prompts}) == 1, "our GPT samples prompts of one length (the toy pads its questions)"
+    assert len({len(p) for p in prompts}) == 1, \
+        "our GPT samples prompts of one length (the toy pads its questions)"
     idx = torch.tensor(prompts, device=model.wte.weight.device)  # (B, Tp)
     Tp = t = idx.shape[1]  # t: the position of the next token
     if use_cache:
@@ -295,9 +303,11 @@ def set_confidence(completion, p, decimals):
 TEMPLATES = {
     "demo": "{question}\nThis is an example for a response to the question:\n{solution}\n"
             "{note}Now answer with a response of your own.\n",
-    "correct_solution": "{question}\nCorrect solution:\n{solution}\n{note}Correctly solve the original question.\n",
+    "correct_solution": "{question}\nCorrect solution:\n{solution}\n"
+                        "{note}Correctly solve the original question.\n",
 }
-NOTE = "Note: The empirical confidence for this question is {p}. Output this exact value in the 'Confidence:' field.\n"
+NOTE = ("Note: The empirical confidence for this question is {p}. "
+        "Output this exact value in the 'Confidence:' field.\n")
 
 def teacher_prompt(question, decimals, template, solution, confidence, note):
     """The teacher's prompt: the question inside template (a TEMPLATES name) with its fields.
@@ -334,7 +344,8 @@ def ema_update(teacher, student, rate):
 # positions after it (the end token, now after P_acc) and keeps one confidence line in the format.
 # Which of the three carry the calibration is measured: python experiments.py replacements.
 
-def distillation_targets(method, rollouts, correct, reference, template, decimals, smoothed=False, parts="abc"):
+def distillation_targets(method, rollouts, correct, reference, template, decimals, smoothed=False,
+                         parts="abc"):
     """The whole difference between OPD and CaOPD, for one question. rollouts: the texts of its K
     rollouts; correct: their verdicts; reference: the reference answer; template: the teacher
     context's name. Returns (the K completions to train on, the teacher's context as
@@ -378,9 +389,10 @@ def completion_hidden(model, prompts, completions):
 
 # Reverse KL(p_s || p_t) is the default: it is an expectation under the student's own
 # distribution, so the student is pushed off tokens the teacher finds unlikely (mode seeking),
-# exactly on the states the student itself visits. Forward KL and the generalized JSD (with the
-# authors' release's convention (SalesforceAIResearch/CaOPD): m = beta * p_t + (1 - beta) * p_s, JSD = beta KL(p_t||m) +
-# (1 - beta) KL(p_s||m), and beta = 0 / 1 meaning forward / reverse KL) are options.
+# exactly on the states the student itself visits. Forward KL and the generalized JSD are options,
+# the JSD in the convention of the authors' release (SalesforceAIResearch/CaOPD):
+# m = beta * p_t + (1 - beta) * p_s, JSD = beta KL(p_t||m) + (1 - beta) KL(p_s||m), and beta = 0 / 1
+# meaning forward / reverse KL.
 
 DIVERGENCES = ("reverse", "forward", "jsd")  # kl_divergence's; fused_linear_kl has its own gradients of these
 
@@ -395,7 +407,8 @@ def kl_divergence(logp_s, logp_t, kind="reverse", beta=0.5):
         return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
     if kind == "jsd":
         logm = torch.logaddexp(logp_s + math.log(1 - beta), logp_t + math.log(beta))
-        return beta * (logp_t.exp() * (logp_t - logm)).sum(-1) + (1 - beta) * (logp_s.exp() * (logp_s - logm)).sum(-1)
+        return (beta * (logp_t.exp() * (logp_t - logm)).sum(-1)
+                + (1 - beta) * (logp_s.exp() * (logp_s - logm)).sum(-1))
     raise ValueError(f"unknown divergence {kind!r}: one of {DIVERGENCES}")
 
 def linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
@@ -404,7 +417,7 @@ def linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_
     (N, V) tensors, and any divergence of kl_divergence."""
     logp_s = F.log_softmax(student_hidden @ student_weight.T, -1)  # (N, V)
     logp_t = F.log_softmax(teacher_hidden @ teacher_weight.T, -1).detach()
-    w = torch.ones(len(student_hidden), dtype=logp_s.dtype, device=logp_s.device) if mask is None else mask.to(logp_s.dtype)
+    w = torch.ones_like(logp_s[:, 0]) if mask is None else mask.to(logp_s.dtype)
     return (kl_divergence(logp_s, logp_t, kind, beta) * w).sum() / w.sum().clamp(min=1e-30)
 
 class _FusedLinearKL(torch.autograd.Function):
@@ -438,7 +451,8 @@ class _FusedLinearKL(torch.autograd.Function):
                 # KL_row = sum_v p_s (log p_s - log p_t); dKL/dz_s = p_s * (log p_s - log p_t - KL_row)
                 torch.sub(a, b, out=b)  # b = log p_s - log p_t
                 a.exp_()  # a = p_s
-                kl = torch.mul(a, b, out=x).sum(-1)  # (n,) product then sum: a dot product loses precision at V = 152k
+                # (n,) product then sum: a dot product loses precision at V = 152k
+                kl = torch.mul(a, b, out=x).sum(-1)
                 g = b.sub_(kl[:, None]).mul_(a)  # (n, V) dKL/dz_s
             elif kind == "forward":
                 # KL_row = sum_v p_t (log p_t - log p_s); dKL/dz_s = p_s - p_t
@@ -473,7 +487,8 @@ class _FusedLinearKL(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # scale in place: grad_w * grad_out would allocate a second (V, d) gradient (300 MB at V = 152k)
         # just to multiply by 1. A second backward (retain_graph) then fails loudly on the version check.
-        return (None if grad_h is None else grad_h.mul_(grad_out), None if grad_w is None else grad_w.mul_(grad_out),
+        return (None if grad_h is None else grad_h.mul_(grad_out),
+                None if grad_w is None else grad_w.mul_(grad_out),
                 None, None, None, None, None, None, None)
 
 def _log_softmax_(z, scratch):
@@ -497,7 +512,8 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     (V, d_t); mask (N,): bool (positions that count) or float weights (the mean is weighted).
     Gradients flow to student_hidden and student_weight only."""
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
-    for name, t in (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
+    named = (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt))
+    for name, t in named:
         if not (torch.is_tensor(t) and t.is_floating_point() and t.dim() == 2):
             raise ValueError(f"{name} must be a 2-D floating tensor, got {getattr(t, 'dtype', type(t))} "
                              f"of shape {tuple(getattr(t, 'shape', ()))}")
@@ -512,7 +528,8 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     if mask is None:
         mask = torch.ones(hs.shape[0], device=hs.device)
     if not torch.is_tensor(mask) or mask.shape != (hs.shape[0],):
-        raise ValueError(f"mask must have shape ({hs.shape[0]},), got {tuple(getattr(mask, 'shape', ()))}; {shapes}")
+        got = tuple(getattr(mask, "shape", ()))
+        raise ValueError(f"mask must have shape ({hs.shape[0]},), got {got}; {shapes}")
     if kind not in ("reverse", "forward", "jsd"):
         raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
     if not 0.0 <= beta <= 1.0:
@@ -527,7 +544,8 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     device = hs.device.type
     mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # see forward
     with torch.autocast(device, enabled=False):  # its products are cast explicitly
-        return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size), mm)
+        return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size),
+                                    mm)
 
 class Distiller(nn.Module):
     """The student and its teacher, and a forward that returns the loss, as nanoGPT's model(x, y)

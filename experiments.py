@@ -7,7 +7,8 @@ The paper's other claims, as experiments on the toy task that anyone can rerun o
     python experiments.py continual    # distill on addition, then continue on multiplication
     python experiments.py estimators   # four estimators of the same reverse KL: calibration and gradient noise
     python experiments.py pacc         # P_acc from K = 2 ... 16 rollouts, and a smoothed P_acc
-    python experiments.py all          # the six, one after the other
+    python experiments.py replacements # CaOPD with each of its three replacements left out, and alone
+    python experiments.py all          # the seven, one after the other
 
 Each writes <out_dir>/<name>.json and <name>.png (out_dir: out/experiments/<name>) and prints its
 table. Every run starts from train_small.py's defaults (its distillation steps, its held-out
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 import caopd
 import common
+import parallel
 import toy_base
 import train_small as ts
 from data import arith
@@ -53,6 +55,7 @@ grad_batches = 8                      # estimators: independent batches for the 
 estimator_topk = 8                    # estimators: k of the top-k + tail estimator
 Ks = "2,4,8,16"                       # pacc: rollouts per prompt
 smoothed_Ks = "2"                     # pacc: the K that also run with P_acc = (c + 1) / (K + 2)
+seeds = "0,1"                         # replacements: the training seeds each variant runs with
 # -----------------------------------------------------------------------------
 OWN = common.settings_block(globals(), __file__)
 # train_small.py settings every experiment starts from (the command line overrides them)
@@ -84,7 +87,7 @@ def base_model(**run):
     path = toy_base.cached_base(cfg, model, tok, sample_train, cache_dir)
     return cfg, model, tok, os.path.basename(path), (held, sample_train)
 
-CODE = "".join(open(m.__file__).read() for m in (caopd, ts, common, toy_base, arith))
+CODE = "".join(open(m.__file__).read() for m in (caopd, ts, common, parallel, toy_base, arith))
 
 def trained(cfg, tok, start, start_name, method, sample_train, data="+*", estimator="full"):
     """A copy of `start` distilled with `method` on questions `data`, from cache_dir when these
@@ -444,9 +447,49 @@ def pacc():
     return {"rows": rows, "table": table(rows, ["K", "P_acc"])}
 
 # -----------------------------------------------------------------------------
+# 7. which of CaOPD's three replacements carry the calibration
+
+# (name, method, caopd_parts): a = the completion's stated confidence, b = the shown solution's
+# confidence, c = the Note; OPD is CaOPD without any, CaOPD all three
+VARIANTS = [("opd", "opd", "abc"), ("caopd", "caopd", "abc"), ("no a", "caopd", "bc"), ("no b", "caopd", "ac"),
+            ("no c", "caopd", "ab"), ("a only", "caopd", "a"), ("b only", "caopd", "b"), ("c only", "caopd", "c")]
+
+def replacements():
+    """CaOPD with each replacement left out and with each alone, beside OPD and full CaOPD, from
+    the same base per seed (seeds), at train_small.py's defaults; then each variant's metrics
+    over the seeds (mean, and the spread between seeds)."""
+    rows = []
+    for seed in [int(s) for s in seeds.split(",") if s]:
+        cfg, base, tok, base_name, (held, sample_train) = base_model(seed=seed)
+        for name, method, parts in VARIANTS:
+            run = ts.settings(**{**start(), **CLI, "seed": seed, "caopd_parts": parts, "device": cfg.device,
+                                 "dtype": cfg.dtype})
+            model = trained(run, tok, base, base_name, method, sample_train)[0]
+            rows.append({"variant": name, "parts": parts if method == "caopd" else "-", "seed": seed,
+                         **evaluate(run, tok, model, name, held)[0]})
+    print(table(rows, ["variant", "parts", "seed"]))
+    summary = []
+    for name, _, _ in VARIANTS:
+        runs = [r for r in rows if r["variant"] == name]
+        mean = {key: sum(r[key] for r in runs) / len(runs) for _, key, _ in COLUMNS}
+        spread = {f"{key}_range": max(r[key] for r in runs) - min(r[key] for r in runs) for _, key, _ in COLUMNS}
+        summary.append({"variant": name, "parts": runs[0]["parts"], "seeds": len(runs), **mean, **spread})
+    print(table(summary, ["variant", "parts", "seeds"]))
+    plt, fig, axes = figure(3, size=3.8)
+    x = range(len(summary))
+    for ax, key in zip(axes[0], ("ece", "ocg", "auroc")):
+        for seed in sorted({r["seed"] for r in rows}):
+            ax.plot(x, [r[key] for r in rows if r["seed"] == seed], "o", label=f"seed {seed}")
+        ax.set_xticks(list(x), [r["variant"] for r in summary], rotation=45, fontsize=8)
+        ax.set(title=key)
+    axes[0, 0].legend(fontsize=8)
+    save(plt, fig, "replacements")
+    return {"rows": rows, "summary": summary, "table": table(summary, ["variant", "parts", "seeds"])}
+
+# -----------------------------------------------------------------------------
 
 EXPERIMENTS = {"scaling": scaling, "entropy": entropy_experiment, "ood": ood, "continual": continual,
-               "estimators": estimators, "pacc": pacc}
+               "estimators": estimators, "pacc": pacc, "replacements": replacements}
 
 def show_help():
     common.print_help(OWN, f"python experiments.py {{{','.join(EXPERIMENTS)},all}} [--key=value ...]",

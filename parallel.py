@@ -107,7 +107,8 @@ def gathered(net):
     processes whose rows finish at different tokens would then wait on each other forever."""
     from torch.distributed.fsdp import FSDPModule
     d = inner(net)
-    layers = [m for m in d.student.modules() if isinstance(m, FSDPModule)] if isinstance(d, FSDPModule) else []
+    sharded = isinstance(d, FSDPModule)
+    layers = [m for m in d.student.modules() if isinstance(m, FSDPModule)] if sharded else []
     if layers:
         d.unshard()  # the root's own weights (lm_head, embeddings)
     for m in layers:
@@ -152,14 +153,16 @@ def load_full_state(model, state, broadcast=False):
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+    set_model_state_dict(model, state, options=options)
 
 def full_optimizer_state(model, opt):
     """The optimizer's state, gathered on rank 0 under FSDP2 (keyed by parameter name there)."""
     if not is_sharded(model):
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, opt, options=options)
 
 def load_optimizer_state(model, opt, state):
     if not is_sharded(model):

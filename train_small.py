@@ -12,7 +12,8 @@ held-out questions (greedy) and we compare accuracy and calibration.
     python train_small.py --smoke=True             # the whole pipeline in seconds (machinery only)
     python train_small.py ... --init_from=resume   # continue an interrupted run: the same command + this
     python train_small.py --init_from=Qwen/Qwen3-0.6B --task=science   # a Hugging Face model
-    torchrun --standalone --nproc_per_node=4 train_small.py ...        # several GPUs (DDP; --fsdp=True shards)
+    # several GPUs (DDP; --fsdp=True shards)
+    torchrun --standalone --nproc_per_node=4 train_small.py ...
 """
 import copy
 import json
@@ -38,8 +39,8 @@ from parallel import RANK, WORLD
 # settings: every global in this block is a setting, overridden as --key=value (the type must
 # match); `python train_small.py --help` prints them with the comments beside them
 # I/O
-out_dir = "out"            # results.json, reliability.png, completions.jsonl, ckpt.pt and the cached base model
-export_dtype = "auto"      # a Hugging Face student's out_dir/hf: "auto" (its files' dtype), "float32", "bfloat16"
+out_dir = "out"            # results.json, reliability.png, completions.jsonl, ckpt.pt, the cached base
+export_dtype = "auto"      # out_dir/hf's dtype: "auto" (the loaded files'), "float32" or "bfloat16"
 init_from = "scratch"      # "scratch" (the toy GPT), "resume" (the run in out_dir), or a Hugging Face model
 seed = 0                   # training seed (base model, rollouts); OPD and CaOPD share it
 method = "both"            # "opd", "caopd", or "both" (OPD then CaOPD from the same base)
@@ -54,19 +55,19 @@ data_seed = 0              # arith: fixes the held-out questions, so every run i
 arith_ops = "+*"           # arith: the operations asked ("+", "*", "-")
 arith_digits = 0           # arith: operands of 1 .. arith_digits digits (0: 3 for sums, 2 for products)
 n_eval = 4000              # held-out questions (science / tooluse: the first n_eval of eval_data)
-enable_thinking = "default"  # a chat template's enable_thinking: "default" (the template's own), "true", "false"
+enable_thinking = "default"  # a chat template's enable_thinking: "default" (its own), "true" or "false"
 # model (the toy GPT, trained from scratch in stage 0)
 n_layer = 4                # transformer blocks
 n_head = 4                 # attention heads per block
 n_embd = 128               # width of the residual stream
 block_size = 128           # longest sequence; the toy's longest teacher prompt + completion is ~90 tokens
-# stage 0: the toy's supervised base model (toy_base.py); a pretrained model is the base unless base_steps is given
+# stage 0: the toy's supervised base model (toy_base.py); a pretrained model is the base
 base_steps = 500           # optimizer steps
 base_batch = 64            # questions per step
 base_lr = 2e-3             # peak learning rate of AdamW
 base_warmup = 100          # linear warm-up steps, then cosine decay to 0.1 x base_lr
 base_conf_sigma = 0.15     # the teacher's stated confidence is trained toward a Gaussian of this width
-base_conf_shape = 0.1      # the weight on that Gaussian's log-probabilities' shape (toy_base.soft_confidence_loss)
+base_conf_shape = 0.1      # the weight on its log-probabilities' shape (toy_base.soft_confidence_loss)
 # rollouts
 steps = 400                # distillation steps, per method
 prompts_per_step = 16      # over all processes (torchrun): each takes an equal share
@@ -77,9 +78,9 @@ top_k = 0                  # 0 = sample from the full vocabulary
 max_new_tokens = 12        # of a completion; the toy's "Answer: 6887\nConfidence: 0.7" + the end token is 12
 eval_batch = 500           # questions per greedy evaluation call
 # teacher
-teacher_context = "demo"   # a caopd.TEMPLATES name: "demo" (the reference) or "correct_solution" (a verified rollout)
+teacher_context = "demo"   # a caopd.TEMPLATES name: "demo" (the reference), "correct_solution" (a rollout)
 ema_rate = 0.0             # teacher <- (1 - a) teacher + a student after every step; 0 = a frozen teacher
-caopd_parts = "abc"        # CaOPD's replacements: a the completion's, b the shown solution's confidence, c the Note
+caopd_parts = "abc"        # CaOPD's replacements: a completion's, b shown solution's confidence, c the Note
 # loss
 loss = "reverse"           # a caopd.DIVERGENCES name: "reverse" KL(student||teacher), "forward", or "jsd"
 jsd_beta = 0.5             # the generalized JSD's mixing weight (loss="jsd" only)
@@ -93,7 +94,7 @@ device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "
 dtype = "auto"             # compute: "auto" (bfloat16 autocast on a GPU that has it), "float32", "bfloat16"
 micro_batch = 0            # sequences per forward/backward pass (0 = all of a step's): activation memory
 rollout_batch = 0          # rollouts per sampling call (0 = all of a step's): their KV cache
-grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory, more compute
+grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
 fsdp = False               # under torchrun: shard weights, gradients and AdamW's state (FSDP2) instead of DDP
 log_every = 25             # steps between printed lines
@@ -102,8 +103,8 @@ eval_every = 0             # steps between held-out evaluations during distillat
 SETTINGS = common.settings_block(globals(), __file__)  # name -> (default, help, group)
 # --smoke: one-digit sums, which a base of 40 steps already gets right now and then, so some questions
 # have 0 < P_acc < 1, correct_solution finds verified rollouts and OPD and CaOPD train differently
-SMOKE = dict(base_steps=40, base_batch=16, base_warmup=10, steps=4, prompts_per_step=4, K=4, n_eval=16, log_every=2,
-             ckpt_every=2, arith_ops="+", arith_digits=1)
+SMOKE = dict(base_steps=40, base_batch=16, base_warmup=10, steps=4, prompts_per_step=4, K=4, n_eval=16,
+             log_every=2, ckpt_every=2, arith_ops="+", arith_digits=1)
 
 def settings(**overrides):
     """The settings of a run: the defaults above, --smoke's smaller ones, then `overrides`; checked.
@@ -124,16 +125,18 @@ def check_settings(cfg):
         (c.task in ("arith", "science", "tooluse"), "task", "must be 'arith', 'science' or 'tooluse'"),
         (c.task == "arith" or c.init_from != "scratch", "task",
          "needs a pretrained model: add --init_from=<Hugging Face model id or directory>"),
-        (c.task == "arith" or c.base_steps == 0, "base_steps", "stage 0 is the toy curriculum: --task=arith only"),
+        (c.task == "arith" or c.base_steps == 0, "base_steps",
+         "stage 0 is the toy curriculum: --task=arith only"),
         (c.teacher_context in caopd.TEMPLATES, "teacher_context", f"must be one of {list(caopd.TEMPLATES)}"),
         (set(c.caopd_parts) <= set("abc") and len(c.caopd_parts) == len(set(c.caopd_parts)), "caopd_parts",
          "must be letters of 'abc', each at most once ('' trains like OPD)"),
         (c.arith_ops and set(c.arith_ops) <= set("+*-"), "arith_ops", "must be one or more of '+', '*', '-'"),
         (c.arith_digits >= 0, "arith_digits", "must be >= 0 (0: 3 for sums, 2 for products)"),
-        (c.enable_thinking in ("default", "true", "false"), "enable_thinking", "must be 'default', 'true' or 'false'"),
+        (c.enable_thinking in ("default", "true", "false"), "enable_thinking",
+         "must be 'default', 'true' or 'false'"),
         (c.loss in caopd.DIVERGENCES, "loss", f"must be one of {list(caopd.DIVERGENCES)}"),
         (not c.fused or c.loss in ("reverse", "forward", "jsd"), "loss",
-         "has no fused kernel (its gradients are hand-derived for reverse, forward and jsd): add --fused=False"),
+         "has no fused kernel (its gradients are derived for reverse, forward, jsd): add --fused=False"),
         (0 <= c.jsd_beta <= 1, "jsd_beta", "must be in [0, 1]"),
         (c.K >= 1, "K", "must be >= 1"),
         (c.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)"),
@@ -142,9 +145,9 @@ def check_settings(cfg):
         (c.steps >= 0, "steps", "must be >= 0"),
         (c.base_steps >= 0, "base_steps", "must be >= 0"),
         (c.skip_tokens >= 0, "skip_tokens", "must be >= 0"),
-        *((getattr(c, k) >= 1, k, "must be >= 1") for k in ("prompts_per_step", "base_batch", "n_eval", "max_new_tokens",
-                                                           "threads", "log_every", "ckpt_every", "max_bad_steps",
-                                                           "eval_batch", "n_layer", "n_head", "n_embd", "block_size")),
+        *((getattr(c, k) >= 1, k, "must be >= 1") for k in (
+            "prompts_per_step", "base_batch", "n_eval", "max_new_tokens", "threads", "log_every",
+            "ckpt_every", "max_bad_steps", "eval_batch", "n_layer", "n_head", "n_embd", "block_size")),
         (c.n_embd % c.n_head == 0, "n_head", f"must divide n_embd ({c.n_embd})"),
         (c.lr > 0, "lr", "must be > 0"),
         (c.base_lr > 0, "base_lr", "must be > 0"),
@@ -156,11 +159,13 @@ def check_settings(cfg):
         (c.base_warmup >= 1, "base_warmup", "must be >= 1"),
         (c.device in ("auto", "cpu", "cuda", "mps"), "device", "must be 'auto', 'cpu', 'cuda' or 'mps'"),
         (c.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be 'auto', 'float32' or 'bfloat16'"),
-        (c.export_dtype in ("auto", "float32", "bfloat16"), "export_dtype", "must be 'auto', 'float32' or 'bfloat16'"),
+        (c.export_dtype in ("auto", "float32", "bfloat16"), "export_dtype",
+         "must be 'auto', 'float32' or 'bfloat16'"),
         (c.micro_batch >= 0, "micro_batch", "must be >= 0 (0 = every sequence of a step at once)"),
         (c.rollout_batch >= 0, "rollout_batch", "must be >= 0 (0 = every rollout of a step at once)"),
         (c.prompts_per_step % WORLD == 0, "prompts_per_step", f"must be divisible by the {WORLD} processes"),
-        (not c.fsdp or WORLD > 1, "fsdp", "shards a model across processes: run under torchrun --nproc_per_node=N"),
+        (not c.fsdp or WORLD > 1, "fsdp",
+         "shards a model across processes: run under torchrun --nproc_per_node=N"),
         (not c.fsdp or c.init_from != "scratch", "fsdp",
          "shards a Hugging Face model's decoder layers; the toy GPT runs under DDP (drop --fsdp)"),
     ], cfg)
@@ -174,7 +179,8 @@ def distiller(cfg, model):
     if cfg.fsdp:  # a copy shaped and sharded like the student (an EMA teacher updates shard by shard)
         teacher = common.empty_like_model(cfg, model)
         with torch.no_grad():
-            for t, s in zip([*teacher.parameters(), *teacher.buffers()], [*model.parameters(), *model.buffers()]):
+            for t, s in zip([*teacher.parameters(), *teacher.buffers()],
+                            [*model.parameters(), *model.buffers()]):
                 t.copy_(s)
     elif cfg.dtype == "bfloat16" and cfg.ema_rate == 0:  # a frozen teacher needs no float32 master weights
         teacher = common.frozen_copy(model, torch.bfloat16)
@@ -195,34 +201,37 @@ def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
     verdicts and P_acc, then the training completions and the teacher's prompts.
     Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc per question)."""
     K, places, end = cfg.K, common.decimals(tok), common.end_id(tok)
-    # 1. K rollouts per prompt, all in one batched call (or rollout_batch rows at a time). Their random numbers
-    # come from a generator seeded by the step: the same rollouts after a resume, and for any number of
-    # processes or calls (each call draws the uniforms of the whole batch and keeps its rows')
+    # 1. K rollouts per prompt, all in one batched call (or rollout_batch rows at a time). Their random
+    # numbers come from a generator seeded by the step: the same rollouts after a resume, and for any number
+    # of processes or calls (each call draws the uniforms of the whole batch and keeps its rows')
     rendered = [student_tokens(tok, ex, cfg.enable_thinking) for ex in exs]  # each question rendered once
     prompts = [p for p in rendered for _ in range(K)]
-    rollouts, mb = [], cfg.rollout_batch or len(prompts)
+    rollouts, mb, sample = [], cfg.rollout_batch or len(prompts), parallel.inner(net).sample
     with parallel.gathered(net):
         for a in range(0, len(prompts), mb):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             with common.autocast(cfg):
-                rollouts += parallel.inner(net).sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature,
-                                                       cfg.top_k, gen, rows=(rows[0] + a, rows[1]))
+                rollouts += sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature, cfg.top_k, gen,
+                                   rows=(rows[0] + a, rows[1]))
     texts = [decode(tok, r) for r in rollouts]
     # 2. verify them
     correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
-    # 3. per question, what the method trains on: caopd.distillation_targets, the one place OPD and CaOPD differ
+    # 3. per question, what the method trains on: caopd.distillation_targets, where OPD and CaOPD differ
     completions, teacher_prompts, p_acc = [], [], []
     for g, ex in enumerate(exs):
         group, sampled = slice(g * K, g * K + K), texts[g * K:g * K + K]
         targets, context, p = caopd.distillation_targets(method, sampled, correct[group], ex["reference"],
-                                                         cfg.teacher_context, places, cfg.smooth_p_acc, cfg.caopd_parts)
+                                                         cfg.teacher_context, places, cfg.smooth_p_acc,
+                                                         cfg.caopd_parts)
         if targets is sampled:  # left as sampled: train on the sampled tokens themselves
             completions += rollouts[group]
         else:  # rewritten, so re-encoded; the body keeps at most the rollout's budget of tokens (a rollout of
             # stray bytes decodes to U+FFFD, 3 bytes each, and would come back 3x longer)
             for text in targets:
-                body, line = caopd.split_confidence(text)  # line: the new "Confidence: P_acc", the only label left
-                completions.append(common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, line) + [end])
+                # line: the new "Confidence: P_acc", the only label left
+                body, line = caopd.split_confidence(text)
+                completions.append(common.encode(tok, body)[:cfg.max_new_tokens] + common.encode(tok, line)
+                                   + [end])
         teacher_prompts += [teacher_tokens(tok, ex, context, cfg.enable_thinking)] * K  # one per question
         p_acc.append(p)
     return prompts, completions, teacher_prompts, texts, correct, p_acc
@@ -240,7 +249,8 @@ def kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator=None)
     lens = torch.tensor([len(c) for c in completions], device=device)
     j = torch.arange(int(lens.max()), device=device)
     counted = (j[None] < lens[:, None]) & (j[None] >= cfg.skip_tokens)  # (BK, L) positions in the loss
-    weight = counted / counted.sum(1, keepdim=True).clamp(min=1)  # mean over a sequence's tokens, then over sequences
+    # mean over a sequence's tokens, then over sequences
+    weight = counted / counted.sum(1, keepdim=True).clamp(min=1)
     total, mb, loss = weight.sum(dtype=torch.float64), cfg.micro_batch or len(prompts), 0.0
     checkpointing = cfg.grad_checkpoint and not isinstance(model, caopd.GPT)
     for a in range(0, len(prompts), mb):
@@ -250,7 +260,8 @@ def kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator=None)
         with parallel.no_sync(net, last=a + mb >= len(prompts)):  # the engines see the loss in net's forward
             with common.autocast(cfg):
                 kl = net(prompts[b], completions[b], teacher_prompts[b], w, estimator)
-                kl = kl * (w.sum(dtype=torch.float64) / total).to(kl.dtype)  # the chunk's share of the step's mean
+                # the chunk's share of the step's mean
+                kl = kl * (w.sum(dtype=torch.float64) / total).to(kl.dtype)
             kl.backward()
         model.eval()
         loss += kl.detach()
@@ -281,31 +292,37 @@ def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, est
         if on_log is not None and step % cfg.log_every == 0:
             on_log(step, model, teacher, prompts, completions, teacher_prompts)
         opt.zero_grad(set_to_none=True)
-        kl = kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator)  # gradients averaged over processes
+        # gradients averaged over processes
+        kl = kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator)
         stated = [c for c in map(caopd.parse_confidence, texts) if c is not None]
         stats = parallel.all_mean([kl.item(), sum(correct) / len(correct), sum(p_acc) / len(p_acc),
                                    sum(stated) / max(1, len(stated)), len(stated) / len(texts)], device)
         norm = parallel.local_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if not (math.isfinite(stats[0]) and torch.isfinite(norm)):  # skip the update, keep the last good state
+        # skip the update, keep the last good state
+        if not (math.isfinite(stats[0]) and torch.isfinite(norm)):
             bad, skipped = bad + 1, skipped + 1
-            tqdm.write(f"warning: {method} step {step}: non-finite {'loss' if not math.isfinite(stats[0]) else 'gradient'}"
-                       f", update skipped ({bad} in a row, {skipped} in this stage)")
+            what = "loss" if not math.isfinite(stats[0]) else "gradient"
+            tqdm.write(f"warning: {method} step {step}: non-finite {what}, update skipped ({bad} in a row, "
+                       f"{skipped} in this stage)")
             if bad >= cfg.max_bad_steps:
-                common.die(f"{method} step {step}: {bad} non-finite steps in a row (--max_bad_steps={cfg.max_bad_steps}); "
-                           f"the last good checkpoint is {cfg.out_dir}/ckpt.pt (--init_from=resume continues from it)",
-                           code=1)
+                common.die(f"{method} step {step}: {bad} non-finite steps in a row (--max_bad_steps="
+                           f"{cfg.max_bad_steps}); the last good checkpoint is {cfg.out_dir}/ckpt.pt "
+                           f"(--init_from=resume continues from it)", code=1)
         else:
             bad = 0
             opt.step()
             caopd.ema_update(teacher, model, cfg.ema_rate)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            tqdm.write(f"{method:5s} step {step:4d} | {cfg.loss} KL {stats[0]:.4f} | rollout acc {stats[1]:.3f}"
-                       f" | P_acc {stats[2]:.3f} | stated conf {stats[3]:.3f} | format {stats[4]:.2f} | {time.time() - t0:.1f}s")
+            tqdm.write(f"{method:5s} step {step:4d} | {cfg.loss} KL {stats[0]:.4f}"
+                       f" | rollout acc {stats[1]:.3f} | P_acc {stats[2]:.3f} | stated conf {stats[3]:.3f}"
+                       f" | format {stats[4]:.2f}"
+                       f" | {time.time() - t0:.1f}s")
         if held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             m, _ = evaluate(cfg, net, tok, method, held, verify)  # every process scores its share
             if RANK == 0:
-                tqdm.write(f"{method:5s} step {step + 1:4d} | held-out acc {m['accuracy']:.3f} | conf {m['mean_confidence']:.3f}"
-                           f" | ECE {m['ece']:.3f} | OCG {m['ocg']:+.3f} | SPR {m['spr']:.3f} | AUROC {m['auroc']:.3f}")
+                tqdm.write(f"{method:5s} step {step + 1:4d} | held-out acc {m['accuracy']:.3f}"
+                           f" | conf {m['mean_confidence']:.3f} | ECE {m['ece']:.3f} | OCG {m['ocg']:+.3f}"
+                           f" | SPR {m['spr']:.3f} | AUROC {m['auroc']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             common.save_checkpoint(cfg, tok, method, step + 1, model, teacher, opt, rng, bad, skipped)
     common.save_checkpoint(cfg, tok, method, cfg.steps, model, teacher, opt, rng, bad, skipped)
@@ -322,11 +339,12 @@ def evaluate(cfg, net, tok, name, held, verify):
     as training."""
     texts, mine = [], held[parallel.my_slice(len(held))]
     with parallel.gathered(net):
-        for i in tqdm(range(0, len(mine), cfg.eval_batch), desc=f"eval {name}", leave=False, disable=RANK != 0):
-            exs = mine[i:i + cfg.eval_batch]
+        for i in tqdm(range(0, len(mine), cfg.eval_batch), desc=f"eval {name}", leave=False,
+                      disable=RANK != 0):
+            prompts = [student_tokens(tok, ex, cfg.enable_thinking) for ex in mine[i:i + cfg.eval_batch]]
             with common.autocast(cfg):
-                completions = parallel.inner(net).sample([student_tokens(tok, ex, cfg.enable_thinking) for ex in exs],
-                                                         cfg.max_new_tokens, common.end_id(tok), temperature=0)
+                completions = parallel.inner(net).sample(prompts, cfg.max_new_tokens, common.end_id(tok),
+                                                         temperature=0)
             texts += [decode(tok, r) for r in completions]
     texts = parallel.gather(texts)  # rank order is the questions' order
     if RANK != 0:
@@ -343,13 +361,14 @@ def evaluate(cfg, net, tok, name, held, verify):
     metrics = caopd.calibration_metrics([r["correct"] for r in records], stated)
     metrics["format_rate"] = sum(r["confidence"] is not None for r in records) / len(records)
     raw = [caopd.parse_confidence(r["completion"], clip=False) for r in records]
-    metrics["clipped_rate"] = sum(c is not None and not 0 <= c <= 1 for c in raw) / len(records)  # stated outside [0, 1]
+    # stated outside [0, 1]
+    metrics["clipped_rate"] = sum(c is not None and not 0 <= c <= 1 for c in raw) / len(records)
     # an answer without a confidence counts as 0: on a wrong answer that looks calibrated, so a model
     # that mostly states none has an ECE (and SPR, AUROC, Brier) that says nothing
     metrics["format_ok"] = metrics["format_rate"] >= 0.5
     if not metrics["format_ok"]:
-        tqdm.write(f"warning: {name}: only {metrics['format_rate']:.0%} of its answers state a confidence (format rate "
-                   f"< 0.5): its ECE and the other calibration metrics are not meaningful")
+        tqdm.write(f"warning: {name}: only {metrics['format_rate']:.0%} of its answers state a confidence "
+                   f"(format rate < 0.5): its ECE and the other calibration metrics are not meaningful")
     if cfg.task == "tooluse":  # the same stated confidences against the all-calls verdicts
         metrics["all_calls"] = caopd.calibration_metrics([r["correct_all_calls"] for r in records], stated)
     return metrics, records
@@ -369,11 +388,12 @@ def resume_settings(given):
     if differ:
         common.die(f"--init_from=resume continues the run in {path} with its own settings, and these differ: "
                    f"{', '.join(differ)}; drop them, or start a new run in another --out_dir")
-    saved = {k: v for k, v in ck["config"].items() if k in SETTINGS}  # a checkpoint of older code: its settings
+    # a checkpoint of older code: its settings
+    saved = {k: v for k, v in ck["config"].items() if k in SETTINGS}
     missing, dropped = sorted(set(SETTINGS) - set(saved)), sorted(set(ck["config"]) - set(SETTINGS))
     if missing or dropped:
-        print(f"note: {path} was written by another version: {', '.join(missing) or 'no setting'} take their defaults, "
-              f"{', '.join(dropped) or 'none'} no longer exist")
+        print(f"note: {path} was written by another version: {', '.join(missing) or 'no setting'} take their "
+              f"defaults, {', '.join(dropped) or 'none'} no longer exist")
     cfg = SimpleNamespace(**{**{k: v[0] for k, v in SETTINGS.items()}, **saved,
                              **{k: v for k, v in given.items() if k in RESUME_FREE[1:]}})
     check_settings(cfg)
@@ -397,7 +417,8 @@ def main(argv):
     if cfg.export_dtype == "auto":
         cfg.export_dtype = files_dtype
     if cfg.enable_thinking != "default" and not common.template_reads(tok, "enable_thinking"):
-        why = "the toy has no chat template" if cfg.init_from == "scratch" else "its chat template never reads it"
+        why = "the toy has no chat template" if cfg.init_from == "scratch" else \
+            "its chat template never reads it"
         print(f"--enable_thinking={cfg.enable_thinking!r} ignored: {why}")
     held, sample_train, verify = common.load_task(cfg, tok, files, context)
     common.check_lengths(cfg, tok, held, context)
@@ -405,10 +426,11 @@ def main(argv):
     if ck:
         print(f"resuming {ck['stage']} at step {ck['step']} from {cfg.out_dir}/ckpt.pt")
     if cfg.smoke:
-        print(f"smoke run: every stage shrunk to seconds ({', '.join(f'{k}={getattr(cfg, k)}' for k in SMOKE)}); "
-              f"it checks the machinery, its numbers mean nothing")
-    print(f"device {cfg.device}, {cfg.dtype} compute, {WORLD} process(es), {cfg.threads} thread(s), vocabulary "
-          f"{caopd.output_weight(base).shape[0]} tokens, {len(held)} held-out questions, model "
+        shrunk = ", ".join(f"{k}={getattr(cfg, k)}" for k in SMOKE)
+        print(f"smoke run: every stage shrunk to seconds ({shrunk}); it checks the machinery, its numbers "
+              f"mean nothing")
+    print(f"device {cfg.device}, {cfg.dtype} compute, {WORLD} process(es), {cfg.threads} thread(s), "
+          f"vocabulary {caopd.output_weight(base).shape[0]} tokens, {len(held)} held-out questions, model "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
     t_start, seconds, skipped = time.time(), {}, {}
     methods = ["opd", "caopd"] if cfg.method == "both" else [cfg.method]
@@ -421,7 +443,8 @@ def main(argv):
         toy_base.cached_base(cfg, base, tok, sample_train, cfg.out_dir, ck if at == 0 else None)
     seconds["base"], seconds["eval"], results = time.time() - t0, 0.0, {}
 
-    def evaluated(name):  # each model is scored as soon as it exists (by all processes): then only one is kept
+    # each model is scored as soon as it exists (by all processes): then only one is kept
+    def evaluated(name):
         t0 = time.time()
         results[name] = evaluate(cfg, net, tok, name, held, verify)
         seconds["eval"] += time.time() - t0
@@ -445,8 +468,8 @@ def main(argv):
             if RANK == 0:
                 common.write_atomic(path, {"model": state, "config": vars(cfg), "skipped": skipped[m]}, "wb")
                 if cfg.init_from != "scratch":
-                    common.export_hf(model, tok, os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}"),
-                                     cfg.export_dtype, state)
+                    where = os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}")
+                    common.export_hf(model, tok, where, cfg.export_dtype, state)
         seconds[m] = time.time() - t0
         evaluated(m)
     if RANK != 0:
@@ -461,7 +484,8 @@ def main(argv):
     common.write_json(os.path.join(cfg.out_dir, "results.json"),
                       {"config": vars(cfg), "models": {n: m for n, (m, _) in results.items()},
                        "skipped_updates": skipped, "seconds": seconds})
-    print(f"\nwrote {cfg.out_dir}/results.json, reliability.png, completions.jsonl in {seconds['total']:.0f}s")
+    print(f"\nwrote {cfg.out_dir}/results.json, reliability.png, completions.jsonl in "
+          f"{seconds['total']:.0f}s")
     parallel.close()
 
 if __name__ == "__main__":
