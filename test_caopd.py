@@ -1306,6 +1306,43 @@ def test_micro_batches_give_the_loss_and_gradient_of_the_whole_step(hf, exact_rm
     whole = _kl_grads(train_small.settings(skip_tokens=2), model, teacher, prompts, completions, teacher_prompts)
     assert skip[0] == pytest.approx(whole[0], rel=0, abs=1e-10)
 
+@pytest.mark.parametrize("loss", ["reverse", "forward", "jsd"])
+def test_the_plain_autograd_loss_setting_gives_the_fused_loss_and_gradients(loss):
+    """--fused=False: the same step through linear_kl_reference (where a new divergence needs only
+    its formula in kl_divergence)."""
+    import train_small
+    model, teacher = _tiny_model(0).double(), _tiny_model(1).double()
+    prompts = [p[:3] for p in PROMPTS]
+    args = (model, teacher, prompts, COMPLETIONS, [p + [50] for p in prompts])
+    fused = _kl_grads(train_small.settings(loss=loss, jsd_beta=0.3), *args)
+    plain = _kl_grads(train_small.settings(loss=loss, jsd_beta=0.3, fused=False, micro_batch=2), *args)
+    assert plain[0] == pytest.approx(fused[0], rel=1e-12) and fused[0] > 1e-3
+    for a, b in zip(plain[1], fused[1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+def test_a_divergence_without_a_fused_kernel_asks_for_the_plain_loss(monkeypatch, capsys):
+    monkeypatch.setattr(caopd, "DIVERGENCES", caopd.DIVERGENCES + ("symmetric",))
+    code, _, err = _main(capsys, "--loss=symmetric")
+    assert code == 2 and "--loss='symmetric': has no fused kernel" in err and "--fused=False" in err
+    code, _, err = _main(capsys, "--loss=hellinger")
+    assert code == 2 and "--loss='hellinger': must be one of" in err
+
+def test_a_new_template_changes_no_token_of_the_toy_nor_its_base(monkeypatch, tmp_path, capsys):
+    import train_small
+    cfg = train_small.settings(smoke=True, out_dir=str(tmp_path), device="cpu")
+    base, tok, context, _ = common.load_model(cfg)
+    held, sample_train, _ = common.load_task(cfg, tok, None, context)
+    path = toy_base.cached_base(cfg, base, tok, sample_train, str(tmp_path))
+    before = caopd.toy_tokenizer(arith.VOCAB_TEXT)
+    monkeypatch.setitem(caopd.TEMPLATES, "mine", "{question}\nAn entirely new context word:\n{solution}\n{note}Go.\n")
+    after = caopd.toy_tokenizer(arith.VOCAB_TEXT)
+    assert after.n_vocab == before.n_vocab and after.encode(EX["question"]) == before.encode(EX["question"])
+    capsys.readouterr()
+    assert toy_base.cached_base(cfg, base, tok, sample_train, str(tmp_path)) == path  # the same file, reused
+    assert "reusing base model" in capsys.readouterr().out
+    prompt = caopd.teacher_prompt(EX["question"], 1, "mine", EX["reference"], 0.5, None)
+    assert after.decode(after.encode(prompt)) == prompt  # its new words are spelled in bytes
+
 @pytest.mark.parametrize("hf", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(hf, exact_rmsnorm):
     import train_small
