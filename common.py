@@ -241,15 +241,20 @@ def load_checkpoint(path):
     except Exception as e:  # a truncated zip, a pickle that is not ours, ...: all mean the same here
         die(f"{path}: the checkpoint is truncated or corrupt ({type(e).__name__}); delete it to start over")
 
+def checkpoint_path(cfg, stage):
+    """out_dir/ckpt.pt; a method distilled beside the other (--workers=2) keeps its own, ckpt-<method>.pt."""
+    side_by_side = getattr(cfg, "workers", 1) == 2 and stage in ("opd", "caopd")
+    return os.path.join(cfg.out_dir, f"ckpt-{stage}.pt" if side_by_side else "ckpt.pt")
+
 def save_checkpoint(cfg, tok, stage, step, model, teacher, opt, rng, bad, skipped, quiet=False):
-    """out_dir/ckpt.pt: everything a resumed run needs to continue bit for bit, whole (under FSDP2
+    """checkpoint_path: everything a resumed run needs to continue bit for bit, whole (under FSDP2
     every process takes part in gathering the shards; rank 0 writes). A Hugging Face model is also
     exported, whole, to out_dir/hf."""
     state = {"model": parallel.full_state(model), "teacher": None if teacher is None else parallel.full_state(teacher),
              "optimizer": parallel.full_optimizer_state(model, opt)}
     if RANK != 0:
         return
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    path = checkpoint_path(cfg, stage)
     write_atomic(path, {
         "stage": stage, "step": step, "config": vars(cfg), **state,
         "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
