@@ -327,9 +327,9 @@ def teacher_tokens(tok, ex, context, enable_thinking):
     return render(tok, messages, enable_thinking)
 
 def longest_context(template, ex):
-    """The teacher context of template with its longest fields for ex: the reference shown with a
-    Note (for the length checks)."""
-    return dict(template=template, solution=ex["reference"], confidence=1.0, note=1.0)
+    """The teacher context of template for ex with its longest fields (for the length checks): the
+    reference and a Note, as distillation_targets makes it for one rollout that is the reference."""
+    return caopd.distillation_targets("caopd", [ex["reference"]], [True], ex["reference"], template, 2)[1]
 
 def confidence_value_ids(tok):
     """The toy's stated confidences 0.0, 0.1, ..., 1.0: one token each (see caopd.toy_tokenizer)."""
