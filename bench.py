@@ -29,6 +29,7 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
     python bench.py --real          # Qwen3-0.6B's shapes on the CPU, and what fits on a GPU: ~25 minutes
     python bench.py --gpu           # on a CUDA GPU: the paper's settings at Qwen3-0.6B's shapes
     python bench.py --fsdp          # 2 processes (gloo): peak memory per process, FSDP2 against DDP: ~3 minutes
+    python bench.py --first_run     # the default run one method after the other against side by side: ~30 minutes
 
 Timings on a shared machine are noisy: compare the ratios, which are measured side by side.
 """
@@ -787,6 +788,33 @@ def bench_fsdp():
           f"{rows['ratio_rank1']:.2f}x", flush=True)
     return rows
 
+def bench_first_run(reps):
+    """`python train_small.py` as a newcomer runs it first (stage 0 trained, nothing cached), one
+    method after the other (--workers=1, how it ran before) against the default (side by side on a
+    machine with two cores), alternated, reps runs each, each alone in an empty out_dir: the wall
+    seconds, their medians and ratio, and whether every run's results.json models and
+    completions.jsonl are byte-identical to the first one-after-the-other run's."""
+    times, outputs = {1: [], 0: []}, []
+    for i in range(reps):
+        for workers in (1, 0):
+            with tempfile.TemporaryDirectory() as out_dir:
+                t0 = time.perf_counter()
+                run_measured([sys.executable, os.path.join(HERE, "train_small.py"), f"--workers={workers}",
+                              f"--out_dir={out_dir}"])
+                times[workers].append(time.perf_counter() - t0)
+                res = json.load(open(os.path.join(out_dir, "results.json")))
+                outputs.append((json.dumps(res["models"]), open(os.path.join(out_dir, "completions.jsonl")).read()))
+                print(f"  run {i + 1}, {'one after the other' if workers == 1 else 'the default (side by side)'}: "
+                      f"{times[workers][-1]:.0f} s (stage 0 {res['seconds']['base']:.0f} s, opd "
+                      f"{res['seconds']['opd']:.0f} s, caopd {res['seconds']['caopd']:.0f} s, evaluation "
+                      f"{res['seconds']['eval']:.0f} s; workers={res['config']['workers']})", flush=True)
+    same = all(o == outputs[0] for o in outputs)
+    med = {w: statistics.median(t) for w, t in times.items()}
+    print(f"  median {med[1]:.0f} s one after the other, {med[0]:.0f} s the default: {med[0] / med[1]:.2f}x; results and "
+          f"completions of all {len(outputs)} runs byte-identical: {same}", flush=True)
+    return {"seconds_one_after_the_other": times[1], "seconds_default": times[0], "median_ratio": med[0] / med[1],
+            "byte_identical": same}
+
 def machine_info():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -817,6 +845,9 @@ def main_real_models(args):
     if args.gpu:
         print("the paper's settings at Qwen3-0.6B's shapes on the GPU:", flush=True)
         report["gpu"] = bench_gpu(args.tiny)
+    if args.first_run:
+        print(f"python train_small.py from an empty out_dir, {args.reps} times each way, alternated:", flush=True)
+        report["first_run"] = bench_first_run(args.reps)
     if args.fsdp:
         print("2 processes (gloo), a Llama of width 1024 and 8 layers: FSDP2 against DDP:", flush=True)
         report["fsdp"] = bench_fsdp()
@@ -851,7 +882,7 @@ def markdown_real(real, fits):
     return "\n".join(L)
 
 def main(args):
-    if args.precision or args.memory or args.real or args.gpu or args.fsdp:
+    if args.precision or args.memory or args.real or args.gpu or args.fsdp or args.first_run:
         return main_real_models(args)
     t0 = time.time()
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -894,6 +925,8 @@ if __name__ == "__main__":
                    "at Qwen3-0.6B's shapes with the paper's settings, fused against unfused loss, micro-batches")
     p.add_argument("--fsdp", action="store_true", help="2 processes (gloo): peak memory per process of a Llama of "
                    "width 1024 x 8 layers under FSDP2 against DDP, and after loading: ~3 minutes")
+    p.add_argument("--first_run", action="store_true", help="the default train_small.py run one method after the "
+                   "other against side by side, --reps times each, alternated: ~10 minutes a pair on 2 cores")
     p.add_argument("--tiny", action="store_true", help="with --gpu: a tiny model on any device (checks the script)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for --real")
     p.add_argument("--out", default=os.path.join(HERE, "bench.json"))

@@ -309,13 +309,14 @@ TEMPLATES = {
 NOTE = ("Note: The empirical confidence for this question is {p}. "
         "Output this exact value in the 'Confidence:' field.\n")
 
-def teacher_prompt(question, decimals, template, solution, confidence, note):
+def teacher_prompt(question, decimals, template, solution, confidence, note, **fields):
     """The teacher's prompt: the question inside template (a TEMPLATES name) with its fields.
     solution: a response text, its confidence line set to `confidence`; note: None (no Note line)
-    or the value the Note asks for."""
+    or the value the Note asks for; fields: those of a template that has more (from
+    distillation_targets)."""
     return TEMPLATES[template].format(
         question=question, solution=set_confidence(solution, confidence, decimals),
-        note="" if note is None else NOTE.format(p=f"{note:.{decimals}f}"))
+        note="" if note is None else NOTE.format(p=f"{note:.{decimals}f}"), **fields)
 
 @torch.no_grad()
 def ema_update(teacher, student, rate):

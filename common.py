@@ -241,15 +241,20 @@ def load_checkpoint(path):
     except Exception as e:  # a truncated zip, a pickle that is not ours, ...: all mean the same here
         die(f"{path}: the checkpoint is truncated or corrupt ({type(e).__name__}); delete it to start over")
 
+def checkpoint_path(cfg, stage):
+    """out_dir/ckpt.pt; a method distilled beside the other (--workers=2) keeps its own, ckpt-<method>.pt."""
+    side_by_side = getattr(cfg, "workers", 1) == 2 and stage in ("opd", "caopd")
+    return os.path.join(cfg.out_dir, f"ckpt-{stage}.pt" if side_by_side else "ckpt.pt")
+
 def save_checkpoint(cfg, tok, stage, step, model, teacher, opt, rng, bad, skipped, quiet=False):
-    """out_dir/ckpt.pt: everything a resumed run needs to continue bit for bit, whole (under FSDP2
+    """checkpoint_path: everything a resumed run needs to continue bit for bit, whole (under FSDP2
     every process takes part in gathering the shards; rank 0 writes). A Hugging Face model is also
     exported, whole, to out_dir/hf."""
     state = {"model": parallel.full_state(model), "teacher": None if teacher is None else parallel.full_state(teacher),
              "optimizer": parallel.full_optimizer_state(model, opt)}
     if RANK != 0:
         return
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    path = checkpoint_path(cfg, stage)
     write_atomic(path, {
         "stage": stage, "step": step, "config": vars(cfg), **state,
         "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(),
@@ -322,9 +327,9 @@ def teacher_tokens(tok, ex, context, enable_thinking):
     return render(tok, messages, enable_thinking)
 
 def longest_context(template, ex):
-    """The teacher context of template with its longest fields for ex: the reference shown with a
-    Note (for the length checks)."""
-    return dict(template=template, solution=ex["reference"], confidence=1.0, note=1.0)
+    """The teacher context of template for ex with its longest fields (for the length checks): the
+    reference and a Note, as distillation_targets makes it for one rollout that is the reference."""
+    return caopd.distillation_targets("caopd", [ex["reference"]], [True], ex["reference"], template, 2)[1]
 
 def confidence_value_ids(tok):
     """The toy's stated confidences 0.0, 0.1, ..., 1.0: one token each (see caopd.toy_tokenizer)."""

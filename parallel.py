@@ -192,3 +192,44 @@ def broadcast_buffers(model, source):
         if RANK == 0:
             buf.copy_(source.get_buffer(name))
         dist.broadcast(buf, src=0)
+
+# -----------------------------------------------------------------------------
+# side by side: the two methods of one run at the same time, in two processes on one machine
+
+def side_by_side(run, names):
+    """run(name) for each name, each in a forked process of its own, at the same time; returns
+    when all have finished: None, or (name, exit code) of the first that failed (the others are
+    then stopped). Ctrl-C stops them all (each keeps its last checkpoint) and raises
+    KeyboardInterrupt here. Forked, the processes start with the parent's model and data, and
+    compute exactly what the parent would: the same numbers as one after the other."""
+    import multiprocessing
+    import sys
+    sys.stdout.flush(), sys.stderr.flush()  # else each child would print the parent's pending output again
+    fork = multiprocessing.get_context("fork")
+    procs = {name: fork.Process(target=_child, args=(run, name)) for name in names}
+    for p in procs.values():
+        p.start()
+    try:
+        while procs:  # a failure is seen as it happens, not after the other finishes
+            for name, p in list(procs.items()):
+                p.join(timeout=0.2)
+                if p.exitcode is not None:
+                    del procs[name]
+                    if p.exitcode != 0:
+                        return name, p.exitcode
+        return None
+    finally:
+        for p in procs.values():  # left running after a failure or Ctrl-C
+            p.terminate()
+            p.join()
+
+def _child(run, name):
+    import ctypes
+    import signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent, even a SIGKILLed one
+    if os.getppid() == 1:  # it died before that line
+        raise SystemExit(1)
+    try:
+        run(name)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: one line from the parent
+        raise SystemExit(130)

@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -958,7 +960,7 @@ RUN = ("--smoke=True", "--steps=24", "--ckpt_every=4", "--n_eval=16")
 
 def _without_seconds(out):
     res = json.loads((out / "results.json").read_text())
-    del res["seconds"]
+    del res["seconds"], res["config"]["workers"]  # side by side or one after the other: the same numbers
     return res
 
 @pytest.fixture(scope="module")
@@ -983,7 +985,7 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     out.mkdir()
     for f in reference_run.glob("base-*.pt"):  # the cached base: stage 0 is tested elsewhere
         (out / f.name).write_bytes(f.read_bytes())
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *RUN, "--out_dir=out"],
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *RUN, "--out_dir=out", "--workers=1"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in p.stdout:
@@ -1005,6 +1007,57 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     assert f"the run of process {p.pid} ended without releasing it (killed?); taking it over" in r.stdout
     assert (out / "lock").read_text() == ""  # released at the end
     assert _without_seconds(out) == _without_seconds(reference_run)
+    assert (out / "completions.jsonl").read_bytes() == (reference_run / "completions.jsonl").read_bytes()
+
+def _children(pid):
+    return [int(d) for d in os.listdir("/proc") if d.isdigit() and os.path.exists(f"/proc/{d}/stat")
+            and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid)]
+
+@pytest.mark.parametrize("how", ["parent", "child", "ctrl-c"])
+def test_side_by_side_stops_whole_and_resumes_to_the_same_results(reference_run, tmp_path, how):
+    """--workers=2 (the default on a 2-core Linux machine): OPD and CaOPD in two processes. A SIGKILL
+    to the run takes both along, one to a method's process stops the run with one line naming it,
+    Ctrl-C stops all three; each way, the same command with --init_from=resume ends with the
+    uninterrupted run's results."""
+    import signal
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in reference_run.glob("base-*.pt"):
+        (out / f.name).write_bytes(f.read_bytes())
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *RUN, "--out_dir=out", "--workers=2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if "checkpoint: caopd step 8" in line:
+            children = _children(p.pid)
+            assert len(children) == 2
+            if how == "parent":
+                p.kill()
+            elif how == "child":
+                os.kill(children[1], signal.SIGKILL)
+            else:
+                os.killpg(p.pid, signal.SIGINT)  # what the terminal sends every process on Ctrl-C
+            break
+    err = p.communicate(timeout=60)[1]
+    for _ in range(50):  # no process is left behind
+        if not any(os.path.exists(f"/proc/{c}") and open(f"/proc/{c}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                   for c in children):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"a method's process outlived the run ({how})")
+    if how == "child":
+        last = err.strip().splitlines()[-1]  # (above it: the progress bars)
+        assert p.returncode == 1 and re.search(r"error: the (opd|caopd) process failed \(exit code -9\)", last), err
+        assert err.count("error") == 1 and "Traceback" not in err
+    elif how == "ctrl-c":
+        assert p.returncode == 130 and "error: interrupted: --init_from=resume continues" in err.strip().splitlines()[-1]
+        assert "Traceback" not in err, err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["stage"] == "side by side"
+    assert not (out / "results.json").exists()
+    r = _run(*RUN, "--out_dir=out", "--workers=2", "--init_from=resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _without_seconds(out)["models"] == _without_seconds(reference_run)["models"]
     assert (out / "completions.jsonl").read_bytes() == (reference_run / "completions.jsonl").read_bytes()
 
 def test_held_out_evaluations_during_distillation_change_nothing(reference_run, tmp_path):

@@ -96,6 +96,7 @@ micro_batch = 0            # sequences per forward/backward pass (0 = all of a s
 rollout_batch = 0          # rollouts per sampling call (0 = all of a step's): their KV cache
 grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
+workers = 0                # 2: OPD and CaOPD side by side, 1: one after the other, 0: 2 given the cores
 fsdp = False               # under torchrun: shard weights, gradients and AdamW's state (FSDP2) instead of DDP
 log_every = 25             # steps between printed lines
 eval_every = 0             # steps between held-out evaluations during distillation (0 = only at the end)
@@ -166,6 +167,11 @@ def check_settings(cfg):
         (c.prompts_per_step % WORLD == 0, "prompts_per_step", f"must be divisible by the {WORLD} processes"),
         (not c.fsdp or WORLD > 1, "fsdp",
          "shards a model across processes: run under torchrun --nproc_per_node=N"),
+        (c.workers in (0, 1, 2), "workers", "must be 0 (2 where it pays), 1 or 2"),
+        (c.workers != 2 or (c.method == "both" and c.init_from == "scratch" and WORLD == 1), "workers",
+         "distills OPD and CaOPD side by side: --method=both, the toy, one process (no torchrun)"),
+        (c.workers != 2 or sys.platform == "linux", "workers",
+         f"forks a process per method, which {sys.platform} does not support safely: use --workers=1"),
         (not c.fsdp or c.init_from != "scratch", "fsdp",
          "shards a Hugging Face model's decoder layers; the toy GPT runs under DDP (drop --fsdp)"),
     ], cfg)
@@ -211,8 +217,8 @@ def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
         for a in range(0, len(prompts), mb):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             with common.autocast(cfg):
-                rollouts += sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature, cfg.top_k, gen,
-                                   rows=(rows[0] + a, rows[1]))
+                rollouts += sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature, cfg.top_k,
+                                   gen, rows=(rows[0] + a, rows[1]))
     texts = [decode(tok, r) for r in rollouts]
     # 2. verify them
     correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
@@ -280,7 +286,8 @@ def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, est
     start, bad, skipped = common.restore(ck, model, teacher, opt, rng) if ck else (0, 0, 0)
     n = cfg.prompts_per_step // WORLD  # this process's prompts: rank n .. rank n + n - 1 of each step's batch
     t0 = time.time()
-    for step in tqdm(range(start, cfg.steps), desc=method, mininterval=2, disable=RANK != 0):
+    bar = RANK == 0 and cfg.workers != 2  # side by side, the two methods' bars would overwrite each other
+    for step in tqdm(range(start, cfg.steps), desc=method, mininterval=2, disable=not bar):
         # cosine from lr to min_lr. The stated confidence follows the P_acc of the last few batches:
         # with min_lr = 0.1 x lr it still swung by up to 0.1 between evaluations 10 steps apart
         # (--eval_every=10); decayed to 0, the final model averages over its last stretch of steps
@@ -412,6 +419,10 @@ def main(argv):
     cfg.device = parallel.init(common.resolve_device(cfg.device))  # torchrun: each process its GPU
     cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
     torch.set_num_threads(cfg.threads)
+    if cfg.workers == 0:  # side by side where it pays: the toy's two methods on a CPU with a core for each
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cfg.workers = 2 if (cfg.method == "both" and cfg.init_from == "scratch" and cfg.device == "cpu"
+                            and WORLD == 1 and sys.platform == "linux" and cores >= 2 * cfg.threads) else 1
     files = None if cfg.task == "arith" else common.read_task_files(cfg)
     base, tok, context, files_dtype = common.load_model(cfg)
     if cfg.export_dtype == "auto":
@@ -435,7 +446,8 @@ def main(argv):
     t_start, seconds, skipped = time.time(), {}, {}
     methods = ["opd", "caopd"] if cfg.method == "both" else [cfg.method]
     stages = (["base"] if cfg.base_steps else []) + methods
-    at = stages.index(ck["stage"]) if ck else -1  # stages before it are finished; it continues from ck
+    # stages before ck's are finished; it continues from ck ("side by side": both methods from their own)
+    at = -1 if not ck else stages.index(methods[0] if ck["stage"] == "side by side" else ck["stage"])
 
     # stage 0, cached: the same settings give the same base, so it is trained once and reused
     t0 = time.time()
@@ -453,24 +465,46 @@ def main(argv):
     evaluated("base")
     start = parallel.snapshot(base)  # every method starts from the base's weights, kept on the CPU
     model = base
+    saved = lambda m: os.path.join(cfg.out_dir, f"{m}.pt")
+
+    def distilled(m):  # stage 1 of method m from the base, the student to out_dir/<m>.pt
+        t0, mine = time.time(), common.checkpoint_path(cfg, m)
+        resume = ck if ck and ck["stage"] == m else None
+        if ck and ck["stage"] == "side by side" and os.path.exists(mine):  # its own checkpoint
+            resume = common.load_checkpoint(mine)
+        parallel.restore(model, start)
+        reset_teacher(net)
+        n_skipped = distill(cfg, net, tok, m, sample_train, verify, resume, held=held)
+        state = parallel.full_state(model)  # gathered on rank 0 under FSDP2
+        if RANK == 0:
+            common.write_atomic(saved(m), {"model": state, "config": vars(cfg), "skipped": n_skipped,
+                                           "seconds": time.time() - t0}, "wb")
+            if cfg.init_from != "scratch":
+                where = os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}")
+                common.export_hf(model, tok, where, cfg.export_dtype, state)
+
+    if cfg.workers == 2:  # both methods at once, each in a process of its own (and on a core of its own)
+        if not (ck and ck["stage"] == "side by side"):  # a new stage 1: what resume needs to find it
+            for m in methods:
+                if os.path.exists(common.checkpoint_path(cfg, m)):
+                    os.remove(common.checkpoint_path(cfg, m))  # another run's
+            common.write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"),
+                                {"stage": "side by side", "step": 0, "config": vars(cfg)}, "wb")
+        try:
+            failed = parallel.side_by_side(distilled, methods)
+        except KeyboardInterrupt:  # every process got it; each keeps its last checkpoint
+            common.die(f"interrupted: --init_from=resume continues both methods from their checkpoints in "
+                       f"{cfg.out_dir}", code=130)
+        if failed:
+            m, code = failed
+            common.die(f"the {m} process failed (exit code {code}), so the run stops; --init_from=resume "
+                       f"continues both methods from their checkpoints in {cfg.out_dir}", code=1)
     for m in methods:
-        t0 = time.time()
-        i, path = stages.index(m), os.path.join(cfg.out_dir, f"{m}.pt")
-        if i < at:  # finished before the interruption
-            saved = common.load_checkpoint(path)
-            parallel.load_full_state(model, saved["model"])
-            skipped[m] = saved["skipped"]
-        else:
-            parallel.restore(model, start)
-            reset_teacher(net)
-            skipped[m] = distill(cfg, net, tok, m, sample_train, verify, ck if i == at else None, held=held)
-            state = parallel.full_state(model)  # gathered on rank 0 under FSDP2
-            if RANK == 0:
-                common.write_atomic(path, {"model": state, "config": vars(cfg), "skipped": skipped[m]}, "wb")
-                if cfg.init_from != "scratch":
-                    where = os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}")
-                    common.export_hf(model, tok, where, cfg.export_dtype, state)
-        seconds[m] = time.time() - t0
+        if cfg.workers == 1 and stages.index(m) >= at:  # not finished before an interruption
+            distilled(m)
+        result = common.load_checkpoint(saved(m))
+        parallel.load_full_state(model, result["model"])
+        skipped[m], seconds[m] = result["skipped"], result.get("seconds", 0.0)
         evaluated(m)
     if RANK != 0:
         parallel.close()
