@@ -476,9 +476,10 @@ def main(argv):
         reset_teacher(net)
         n_skipped = distill(cfg, net, tok, m, sample_train, verify, resume, held=held)
         state = parallel.full_state(model)  # gathered on rank 0 under FSDP2
+        skipped[m], seconds[m] = n_skipped, time.time() - t0
         if RANK == 0:
             common.write_atomic(saved(m), {"model": state, "config": vars(cfg), "skipped": n_skipped,
-                                           "seconds": time.time() - t0}, "wb")
+                                           "seconds": seconds[m]}, "wb")
             if cfg.init_from != "scratch":
                 where = os.path.join(cfg.out_dir, "hf" if m == stages[-1] else f"hf-{m}")
                 common.export_hf(model, tok, where, cfg.export_dtype, state)
@@ -502,9 +503,10 @@ def main(argv):
     for m in methods:
         if cfg.workers == 1 and stages.index(m) >= at:  # not finished before an interruption
             distilled(m)
-        result = common.load_checkpoint(saved(m))
-        parallel.load_full_state(model, result["model"])
-        skipped[m], seconds[m] = result["skipped"], result.get("seconds", 0.0)
+        else:  # trained in a process of its own, or before an interruption: its file
+            result = common.load_checkpoint(saved(m))
+            parallel.load_full_state(model, result["model"])
+            skipped[m], seconds[m] = result["skipped"], result.get("seconds", 0.0)
         evaluated(m)
     if RANK != 0:
         parallel.close()
