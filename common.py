@@ -8,7 +8,8 @@ files show their own logic only:
     tokens       the toy tokenizer or a Hugging Face tokenizer and its chat template
     tasks        held-out questions, training questions and a verifier for each task
     models       our GPT from scratch, or a Hugging Face model in, and back out
-    report       the table and a few answers of each model, the reliability diagram
+    training log out_dir/metrics.jsonl, and an experiment tracker (wandb) behind one setting
+    report       the table and a few answers of each model, the reliability diagram, the curves
 """
 import atexit
 import copy
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import time
 import tokenize
 from contextlib import nullcontext
 
@@ -503,6 +505,141 @@ def export_hf(model, tok, path, dtype, state=None):
     shutil.rmtree(old, ignore_errors=True)
 
 # -----------------------------------------------------------------------------
+# training log: out_dir/metrics.jsonl, one JSON line per logged step and per evaluation, and the
+# same records in an experiment tracker (wandb) when --wandb_project names a project
+
+def first_line(e):
+    """An exception's message, cut to one line (an error or a warning is one line)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+def import_tracker(project):
+    """wandb, imported only when --wandb_project names a project (None otherwise); checked before
+    anything loads, so a missing package is one line, not a traceback after the base is trained."""
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        die(f"--wandb_project={project!r}: the wandb package is not installed (pip install wandb)")
+    return wandb
+
+def peak_memory_mib(device):
+    """This process's peak memory so far: the device's allocations on a GPU, resident memory elsewhere."""
+    if "cuda" in str(device):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if os.name == "nt":  # no getrusage
+        return None
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+
+# the fields a record needs to be drawn (training_curves); the base trains on no rollouts
+METRICS_NEED = {"train": ("stage", "step", "stated_confidence", "rollout_accuracy", "p_acc"),
+                "eval": ("stage", "step", "ece"), "base train": ("stage", "step")}
+
+def read_metrics(path, interrupted=False):
+    """The records of a metrics.jsonl. A missing file, or a line that is not a record, is a one-line
+    error naming the file and line. interrupted: the file of a run being resumed, which may be missing
+    (older code wrote none) or end in half a line (killed while writing it): both are left out."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except FileNotFoundError:
+        if interrupted:
+            return []
+        die(f"{path}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            if interrupted and i == len(lines):
+                break
+            die(f"{path}:{i}: not a JSON line ({e.msg})")
+        if not isinstance(r, dict) or r.get("kind") not in ("train", "eval"):
+            die(f"{path}:{i}: not a metrics.jsonl record (a JSON object whose kind is 'train' or 'eval')")
+        kind = "base train" if r["kind"] == "train" and r.get("stage") == "base" else r["kind"]
+        missing = [k for k in METRICS_NEED[kind] if k not in r]
+        if missing:
+            die(f"{path}:{i}: a {r['kind']} record without {', '.join(missing)}")
+        records.append(r)
+    return records
+
+def metrics_log(cfg, tracker, kept=()):
+    """Rank 0's training log. Returns (log, finish). log(record) appends the record, with "time"
+    (seconds of the run so far) and "peak_memory_mib", to out_dir/metrics.jsonl as one JSON line,
+    flushed (a killed run keeps every line before the kill), and to the tracker's run (started
+    here) as row n of its history, n = the line's number in the file. kept: the records a resumed
+    run keeps, written (atomically) before the new ones; a new run starts an empty file.
+    finish(images) logs {name: png path} to the tracker and ends its run. Other ranks log nothing.
+    Side by side (--workers=2), the two methods' processes append their lines to the same file (one
+    write a line, in append mode: lines interleave whole), and this process sends them to the
+    tracker in file order with its own next line."""
+    if RANK != 0:
+        return (lambda record: None), (lambda images: None)
+    run = None
+    if tracker:
+        try:
+            run = tracker.init(project=cfg.wandb_project, config=vars(cfg), dir=cfg.out_dir)
+        except (tracker.Error, ValueError, OSError) as e:  # its own errors; ValueError: its settings' checks
+            die(f"--wandb_project={cfg.wandb_project!r}: wandb failed to start: {first_line(e)}")
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    f = open(path, "a", encoding="utf-8")
+    start = time.time() - (kept[-1]["time"] if kept else 0.0)  # a resumed run's clock goes on
+    state = {"run": run, "n": len(kept), "pid": os.getpid(), "size": os.path.getsize(path)}
+
+    def track(call):
+        """A tracker that fails in the middle of a run warns once and is dropped: the run and
+        metrics.jsonl go on without it."""
+        if state["run"] is None or os.getpid() != state["pid"]:  # a forked process: the run is its parent's
+            return
+        try:
+            call(state["run"])
+        except Exception as e:  # whatever it raises (network, disk, its own errors), the run is worth more
+            from tqdm import tqdm
+            tqdm.write(f"warning: wandb failed ({type(e).__name__}: {first_line(e)}); the run goes on "
+                       f"without it, {path} has every line")
+            state["run"] = None
+
+    def catch_up():  # lines the methods' own processes wrote since this one last logged
+        with open(path, "rb") as r:
+            r.seek(state["size"])
+            new = r.read()
+        state["size"] += len(new)
+        for line in new.decode("utf-8").splitlines():
+            send(json.loads(line))
+
+    def send(record):
+        # the tracker's keys: kind/stage/name, so that OPD's and CaOPD's steps do not collide; numbers only
+        row = {f"{record['kind']}/{record['stage']}/{k}": v for k, v in record.items()
+               if v is not None and not isinstance(v, str)}
+        track(lambda run: run.log(row, step=state["n"]))
+        state["n"] += 1
+
+    def log(record):
+        if os.getpid() == state["pid"]:
+            catch_up()
+        # JSON has no NaN: a non-finite loss or gradient norm (a skipped update) is null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        record.update(time=round(time.time() - start, 3), peak_memory_mib=peak_memory_mib(cfg.device))
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        if os.getpid() == state["pid"]:
+            send(record)
+            state["size"] = f.tell()
+
+    def finish(images):
+        catch_up()
+        f.close()
+        track(lambda run: run.log({name: tracker.Image(p) for name, p in images.items()}, step=state["n"]))
+        track(lambda run: run.finish())
+    return log, finish
+
+# -----------------------------------------------------------------------------
 # report and plots
 
 def ece_floor(confidence, reps=200):
@@ -562,6 +699,49 @@ def reliability_diagram(results, path, columns=None):
         ax.plot([0, 1], [0, 1], "--", color="gray")
         ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="stated confidence", ylabel="accuracy",
                title=f"{name}: acc {m['accuracy']:.2f}, conf {m['mean_confidence']:.2f}, ECE {m['ece']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+NAMES = {"opd": "OPD", "caopd": "CaOPD"}
+
+def training_curves(runs, path):
+    """The illusion forming, from metrics.jsonl records: runs is [(title, records)], one column
+    each. A row per method: the stated confidence against the rollouts' accuracy and their mean
+    P_acc over the steps (the shaded gap is the overconfidence); a last row: each method's held-out
+    ECE where it was evaluated, the base's at step 0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = [m for m in ("opd", "caopd") if any(r["stage"] == m for _, records in runs for r in records)]
+    fig, axes = plt.subplots(len(methods) + 1, len(runs), figsize=(5.5 * len(runs), 3.2 * (len(methods) + 1)),
+                             squeeze=False)
+    for col, (title, records) in enumerate(runs):
+        for ax, m in zip(axes[:-1, col], methods):
+            train = [r for r in records if r["kind"] == "train" and r["stage"] == m]
+            steps = [r["step"] for r in train]
+            stated, acc = [r["stated_confidence"] for r in train], [r["rollout_accuracy"] for r in train]
+            ax.plot(steps, stated, color="tab:red", label="stated confidence")
+            ax.plot(steps, acc, color="tab:blue", label="rollout accuracy")
+            ax.plot(steps, [r["p_acc"] for r in train], ":", color="black", label="mean P_acc")
+            ax.fill_between(steps, acc, stated, color="tab:red", alpha=0.12)
+            ax.set(ylim=(0, 1.05), xlabel="step", ylabel="mean over the step's rollouts",
+                   title=f"{title}: {NAMES[m]}")
+            ax.legend(fontsize=7)
+        ax = axes[-1, col]
+        base = [r["ece"] for r in records if r["kind"] == "eval" and r["stage"] == "base"]
+        for m, color in zip(methods, ("tab:orange", "tab:purple")):
+            # by step: the last evaluation during the stage and the final one are the same model
+            at = {r["step"]: r["ece"] for r in records if r["kind"] == "eval" and r["stage"] == m}
+            if base:
+                at = {0: base[-1], **at}
+            if at:
+                ax.plot(list(at), list(at.values()), "o-", color=color, label=NAMES[m])
+        ax.set(ylim=(0, None), xlabel="step", ylabel="held-out ECE",
+               title=f"{title}: held-out ECE (the base's at 0)")
+        if methods:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)

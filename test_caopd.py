@@ -428,9 +428,10 @@ def test_caopd_rollout_with_a_markdown_label_is_reencoded_with_one_confidence_li
     said = ["Answer: 0322\n**confidence:** 0.9", "Answer: 0321\nConfidence: **0.2**."]  # right, wrong: P_acc 0.5
     monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
     verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
-    _, completions, teacher_prompts, texts, correct, p_acc = train_small.rollout_batch(
+    _, completions, teacher_prompts, texts, correct, p_acc, sampled = train_small.rollout_batch(
         cfg, caopd.Distiller(None, None), ENC, "caopd", [ex], verify, 0, (0, 2))
     assert texts == said and correct == [True, False] and p_acc == [0.5]
+    assert sampled == sum(len(ENC.encode(t)) + 1 for t in said)  # the sampled tokens, end tokens included
     assert [ENC.decode(c[:-1]) for c in completions] == ["Answer: 0322\nConfidence: 0.5", "Answer: 0321\nConfidence: 0.5"]
     assert all(c[-1] == ENC.eot_token and ENC.decode(c[-2:-1]) == " 0.5" for c in completions)  # one value token
     assert "Answer: 322\nConfidence: 0.5\nNote: The empirical confidence for this question is 0.5." in ENC.decode(teacher_prompts[0])
@@ -901,6 +902,21 @@ def test_a_second_run_into_a_locked_out_dir_is_refused(tmp_path, capsys):
     assert f"--out_dir='{out}' is in use by the run of process 4242" in err
     assert [p.name for p in out.iterdir()] == ["lock"]  # nothing written
 
+# metrics.jsonl of a --smoke run: stage 0 prints every base_steps // 5 steps and its last; each method every
+# log_every = 2 steps and its last; then each model's final evaluation
+SMOKE_LINES = [*(("train", "base", s) for s in (0, 8, 16, 24, 32, 39)), ("eval", "base", 40),
+               *(x for m in ("opd", "caopd") for x in [*(("train", m, s) for s in (0, 2, 3)), ("eval", m, 4)])]
+COMMON_FIELDS = {"kind", "stage", "method", "step", "time", "peak_memory_mib"}
+BASE_FIELDS = COMMON_FIELDS | {"loss", "lr", "grad_norm", "train_tokens_per_s"}
+TRAIN_FIELDS = BASE_FIELDS | {"rollout_accuracy", "p_acc", "stated_confidence", "format_rate", "skipped",
+                              "rollout_tokens_per_s"}
+EVAL_FIELDS = COMMON_FIELDS | {"final"}  # and the held-out metrics of results.json
+UNTIMED = ("time", "peak_memory_mib", "rollout_tokens_per_s", "train_tokens_per_s")  # differ from run to run
+
+def _metrics(out, timed=False):
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return lines if timed else [{k: v for k, v in r.items() if k not in UNTIMED} for r in lines]
+
 def test_smoke_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     r = _run("--smoke=True", f"--out_dir={out}")
@@ -917,6 +933,24 @@ def test_smoke_run_end_to_end(tmp_path):
     lines = (out / "completions.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 16 and {"model", "completion", "correct", "confidence"} <= set(json.loads(lines[0]))
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # metrics.jsonl: a line per printed step (stage 0's, each method's) and per evaluation, in order
+    records = _metrics(out, timed=True)
+    assert [(x["kind"], x["stage"], x["step"]) for x in records] == SMOKE_LINES
+    for x in records:
+        assert set(x) == (EVAL_FIELDS | keys if x["kind"] == "eval" else BASE_FIELDS if x["stage"] == "base"
+                          else TRAIN_FIELDS), x
+        assert x["time"] >= 0 and x["peak_memory_mib"] > 0
+        if x["kind"] == "eval":  # the final evaluations: results.json's
+            assert x["final"] and {k: x[k] for k in keys} == res["models"][x["stage"]]
+            continue
+        assert x["lr"] > 0 and x["grad_norm"] > 0 and x["train_tokens_per_s"] > 0
+        if x["stage"] != "base":  # the numbers of the printed line
+            assert x["method"] == x["stage"] and x["rollout_tokens_per_s"] > 0 and x["skipped"] == 0
+            assert f"{x['stage']:5s} step {x['step']:4d} | reverse KL {x['loss']:.4f} | rollout acc " \
+                   f"{x['rollout_accuracy']:.3f} | P_acc {x['p_acc']:.3f} | stated conf " \
+                   f"{x['stated_confidence']:.3f} | format {x['format_rate']:.2f}" in r.stdout
+    assert [x["time"] for x in records] == sorted(x["time"] for x in records)
     assert "opd   step" in r.stdout and "caopd step" in r.stdout
     assert "smoke run: every stage shrunk to seconds" in r.stdout and "its numbers mean nothing" in r.stdout
     assert "eval base" in r.stderr  # the evaluation's progress bar
@@ -930,6 +964,9 @@ def test_smoke_run_end_to_end(tmp_path):
     r2 = _run("--smoke=True", f"--out_dir={out}", "--method=caopd")
     assert r2.returncode == 0 and "reusing base model" in r2.stdout
     assert set(json.loads((out / "results.json").read_text())["models"]) == {"base", "caopd"}
+    # a new run starts a new metrics.jsonl; a reused base is not trained, so it logs only its evaluation
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["stage"], r["step"]) for r in lines] == [l for l in SMOKE_LINES if l[1] != "opd"][6:]
 
 def test_smoke_questions_exercise_p_acc_and_the_correct_solution(tmp_path):
     """--smoke's student is right now and then: some questions have 0 < P_acc < 1, and the
@@ -943,8 +980,8 @@ def test_smoke_questions_exercise_p_acc_and_the_correct_solution(tmp_path):
     net, rng, p_acc, shown = train_small.distiller(cfg, base), random.Random(cfg.seed + 1), [], []
     for step in range(cfg.steps):  # distill's questions and rollouts
         exs = sample_train(rng, cfg.prompts_per_step)
-        *_, texts, correct, p = train_small.rollout_batch(cfg, net, tok, "caopd", exs, verify, step,
-                                                          (0, cfg.prompts_per_step * cfg.K))
+        *_, texts, correct, p, _ = train_small.rollout_batch(cfg, net, tok, "caopd", exs, verify, step,
+                                                             (0, cfg.prompts_per_step * cfg.K))
         p_acc += p
         for g, ex in enumerate(exs):
             group, ok = texts[g * cfg.K:(g + 1) * cfg.K], correct[g * cfg.K:(g + 1) * cfg.K]
@@ -997,6 +1034,10 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["stage"] in ("opd", "caopd") and ck["step"] < 24
     assert not (out / "results.json").exists()
+    # metrics.jsonl keeps every line written before the kill, each whole; stage 0 was not trained here
+    ref = [x for x in _metrics(reference_run) if x["stage"] != "base" or x["kind"] == "eval"]
+    killed = _metrics(out)
+    assert ("train", "opd", 6) in [(x["kind"], x["stage"], x["step"]) for x in killed] and killed == ref[:len(killed)]
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as left by a kill in the middle of a write
     # a differing setting is refused, naming it; the interrupted command with --init_from=resume resumes
     r = _run(*RUN, "--K=3", "--out_dir=out", "--init_from=resume", cwd=tmp_path)
@@ -1008,6 +1049,50 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     assert (out / "lock").read_text() == ""  # released at the end
     assert _without_seconds(out) == _without_seconds(reference_run)
     assert (out / "completions.jsonl").read_bytes() == (reference_run / "completions.jsonl").read_bytes()
+    assert _metrics(out) == ref  # goes on from the checkpoint: no line missing, none twice, in order
+
+def test_sigkill_after_stage_0_then_resume_keeps_metrics_whole(reference_run, tmp_path):
+    """Killed in stage 1 before its first checkpoint: ckpt.pt still holds stage 0 (step 20), whose
+    base is already cached, so the resumed run reuses it and starts OPD over. metrics.jsonl keeps
+    stage 0's lines and its evaluation, and drops OPD's first steps, logged again."""
+    run = ("--smoke=True", "--steps=24", "--ckpt_every=20", "--n_eval=16")  # RUN, fewer checkpoints
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *run, "--out_dir=out"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.startswith("opd   step    0"):
+            p.kill()  # 20 steps before OPD's first checkpoint
+            break
+    p.wait(timeout=60)
+    out = tmp_path / "out"
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert p.returncode == -9 and (ck["stage"], ck["step"]) == ("base", 20) and any(out.glob("base-*.pt"))
+    assert ("train", "opd", 0) in [(x["kind"], x["stage"], x["step"]) for x in _metrics(out)]
+    r = _run(*run, "--out_dir=out", "--init_from=resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming base at step 20" in r.stdout and "reusing base model" in r.stdout
+    assert _metrics(out) == _metrics(reference_run)
+    assert _without_seconds(out)["models"] == _without_seconds(reference_run)["models"]
+
+def test_a_resumed_run_keeps_the_lines_before_its_checkpoint():
+    import train_small
+    lines = [{"kind": "train", "stage": "base", "step": 0}, {"kind": "train", "stage": "base", "step": 8},
+             {"kind": "eval", "stage": "base", "step": 10, "final": True}]
+    for m in ("opd", "caopd"):
+        lines += [{"kind": "train", "stage": m, "step": s} for s in (0, 2, 4, 6)]
+        lines += [{"kind": "eval", "stage": m, "step": s, "final": False} for s in (4, 8)]
+        lines += [{"kind": "eval", "stage": m, "step": 8, "final": True}]
+    def kept(stage, step, **more):
+        return [(x["kind"], x["stage"], x["step"]) for x in lines
+                if train_small.kept_on_resume(x, ["base", "opd", "caopd"], {stage: step, **more})]
+    assert kept("base", 8) == [("train", "base", 0)]  # stage 0 goes on from step 8
+    # OPD from step 4: its steps before 4 and the evaluation at 4 (before the checkpoint); the base's evaluation
+    assert kept("opd", 4) == [("train", "base", 0), ("train", "base", 8), ("eval", "base", 10),
+                              ("train", "opd", 0), ("train", "opd", 2), ("eval", "opd", 4)]
+    assert kept("caopd", 0) == kept("opd", 4)[:3] + [(x["kind"], x["stage"], x["step"]) for x in lines[3:10]]
+    assert kept("opd", 0) == kept("opd", 4)[:3]
+    # side by side: each method from its own checkpoint
+    assert kept("opd", 4, caopd=2) == kept("opd", 4) + [("train", "caopd", 0)]
 
 def _children(pid):
     return [int(d) for d in os.listdir("/proc") if d.isdigit() and os.path.exists(f"/proc/{d}/stat")
@@ -1074,6 +1159,11 @@ def test_held_out_evaluations_during_distillation_change_nothing(reference_run, 
         lines = [l for l in r.stdout.splitlines() if l.split()[:2] == [m, "step"] and "held-out" in l]
         assert [l.split()[2] for l in lines] == ["8", "16", "24"]
         assert f"ECE {ref[m]['ece']:.3f} | OCG {ref[m]['ocg']:+.3f}" in lines[-1]  # the last one is the final model
+        # metrics.jsonl: each evaluation after the step it follows, and the final one
+        evals = [(x["step"], x["final"]) for x in _metrics(out) if x["kind"] == "eval" and x["stage"] == m]
+        assert evals == [(8, False), (16, False), (24, False), (24, True)]
+    steps = [(x["kind"], x["stage"], x["step"]) for x in _metrics(out)]
+    assert steps.index(("eval", "opd", 8)) == steps.index(("train", "opd", 6)) + 1
 
 def test_truncated_or_corrupt_checkpoint_is_named(reference_run, tmp_path):
     data = (reference_run / "ckpt.pt").read_bytes()
@@ -1126,6 +1216,141 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # the last good checkpoint (step 2)
     assert ck["stage"] == "opd" and ck["step"] == 2 and ck["bad_steps"] == 2
     assert not (tmp_path / "results.json").exists()
+
+# -----------------------------------------------------------------------------
+# the training log: curves.png from any metrics.jsonl, and wandb's offline files
+
+def test_curves_from_metrics_files_side_by_side(reference_run, tmp_path):
+    m = reference_run / "metrics.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "curves.py"), str(m), str(m), f"--out={tmp_path / 'c.png'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and (reference_run / "curves.png").exists()
+
+@pytest.mark.parametrize("text, words", [
+    (None, ": no such file"), ('{"kind": "train"', ":2: not a JSON line"), ("[1, 2]", ":2: not a metrics.jsonl record"),
+    ('{"kind": "train", "stage": "opd", "step": 3}', ":2: a train record without stated_confidence"),
+    ('{"kind": "eval", "stage": "opd", "step": 3}', ":2: a eval record without ece"),
+])
+def test_curves_bad_input_names_the_file_and_line(reference_run, tmp_path, text, words):
+    path = tmp_path / "metrics.jsonl"
+    if text is not None:
+        path.write_text((reference_run / "metrics.jsonl").read_text().splitlines()[0] + "\n" + text + "\n")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "curves.py"), str(path), f"--out={tmp_path / 'c.png'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and f"{path}{words}" in r.stderr, r.stderr
+    assert not (tmp_path / "c.png").exists()
+
+def test_wandb_not_installed_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    code, out, err = _main(capsys, "--smoke=True", "--wandb_project=test", f"--out_dir={tmp_path / 'out'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--wandb_project='test': the wandb package is not installed (pip install wandb)" in err
+    assert not (tmp_path / "out").exists()
+
+def _wandb_env(tmp_path, mode="offline"):
+    """wandb without a network, its settings and caches under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "WANDB_MODE": mode, "WANDB_SILENT": "true", "NETRC": str(tmp_path / "no-netrc"),
+            **{f"WANDB_{d}_DIR": str(tmp_path / d.lower()) for d in ("CONFIG", "CACHE", "DATA")}}
+
+def _wandb_records(path):
+    """The records of a run's .wandb file, parsed with wandb's own schema (wandb_internal_pb2.Record).
+    The file is a LevelDB-style log, which wandb >= 0.2x reads in Go only: a 7-byte header, then
+    32 KiB blocks of chunks, each a 7-byte header (CRC, length, type: 1 whole, 2 first, 3 middle,
+    4 last) and its bytes; fewer than 7 bytes left in a block are padding."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, part, records = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(part))
+            part = b""
+    return records
+
+def _wandb_history(out):
+    """{step: {key: value}} of the one offline run under out/wandb, and its config."""
+    run, = (out / "wandb").glob("offline-run-*")
+    history, config = {}, {}
+    for rec in _wandb_records(next(run.glob("run-*.wandb"))):
+        if rec.WhichOneof("record_type") == "history":
+            items = [("/".join(i.nested_key) or i.key, i.value_json) for i in rec.history.item]
+            history[rec.history.step.num] = {k: json.loads(v) for k, v in items if not k.startswith("_")}
+        elif rec.WhichOneof("record_type") == "run":
+            config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+    return history, config, run
+
+def _tracked(record):
+    """A metrics.jsonl line as the history row common.metrics_log sends."""
+    return {f"{record['kind']}/{record['stage']}/{k}": v for k, v in record.items() if v is not None
+            and not isinstance(v, str)}
+
+def test_wandb_offline_run_holds_the_records_settings_and_plots(reference_run, tmp_path):
+    pytest.importorskip("wandb")  # not in requirements.txt; .ci/run installs it for this test
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in reference_run.glob("base-*.pt"):  # RUN's base is --smoke's
+        (out / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), "--smoke=True", "--wandb_project=test",
+                        f"--out_dir={out}"], capture_output=True, text=True, timeout=600, env=_wandb_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = _metrics(out, timed=True)
+    history, config, run = _wandb_history(out)
+    assert len(lines) == 9 and {i: _tracked(x) for i, x in enumerate(lines)} == \
+        {i: row for i, row in history.items() if i < len(lines)}  # row i is line i, every value equal
+    settings = json.loads((out / "results.json").read_text())["config"]
+    assert {k: config[k] for k in settings} == settings and settings["wandb_project"] == "test"  # its config
+    images = history[len(lines)]
+    assert {images["reliability/_type"], images["curves/_type"]} == {"image-file"}
+    assert (run / "files" / images["curves/path"]).read_bytes() == (out / "curves.png").read_bytes()
+
+def test_wandb_failing_to_start_is_one_line_before_anything_trains(tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "out"  # online without an API key: it stops before any network
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), "--smoke=True", "--wandb_project=test",
+                        f"--out_dir={out}"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+                       env=_wandb_env(tmp_path, mode="online"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "--wandb_project='test': wandb failed to start: No API key configured" in r.stderr
+    assert "base step" not in r.stdout and not any(out.glob("base-*.pt")) and not (out / "metrics.jsonl").exists()
+
+FAILING_WANDB = """
+import sys
+import wandb.sdk.wandb_run as wandb_run
+real, calls = wandb_run.Run.log, []
+def log(run, *args, **kwargs):  # the third call fails, as a full disk or a dropped connection would
+    calls.append(1)
+    if len(calls) == 3:
+        raise OSError(28, "No space left on device")
+    return real(run, *args, **kwargs)
+wandb_run.Run.log = log
+sys.argv[0] = "train_small.py"
+import train_small
+train_small.main(sys.argv[1:])
+"""
+
+def test_wandb_failing_in_the_middle_warns_once_and_the_run_goes_on(reference_run, tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in reference_run.glob("base-*.pt"):
+        (out / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([sys.executable, "-c", FAILING_WANDB, "--smoke=True", "--wandb_project=test",
+                        f"--out_dir={out}"], capture_output=True, text=True, timeout=600, cwd=HERE,
+                       env=_wandb_env(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [l for l in r.stdout.splitlines() if l.startswith("warning: wandb failed")]
+    assert warnings == [f"warning: wandb failed (OSError: [Errno 28] No space left on device); the run goes on "
+                        f"without it, {out}/metrics.jsonl has every line"]
+    lines = _metrics(out, timed=True)
+    assert len(lines) == 9 and (out / "results.json").exists() and (out / "curves.png").exists()
+    history = _wandb_history(out)[0]
+    assert history == {i: _tracked(x) for i, x in enumerate(lines[:2])}  # the two rows before it failed
 
 # -----------------------------------------------------------------------------
 # real models: a tiny Qwen-style model and a BPE tokenizer with a chat template, built here

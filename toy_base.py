@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import time
 
 import torch
 from tqdm import tqdm
@@ -91,13 +92,16 @@ def soft_confidence_loss(logq, shown, sigma, shape):
     error = (logq - logq.mean(1, keepdim=True)) - (parabola - parabola.mean(1, keepdim=True))
     return -(parabola.softmax(-1) * logq).sum() + shape * error.pow(2).mean(1).sum()
 
-def train_base(cfg, model, tok, sample_train, ck=None):
+def train_base(cfg, model, tok, sample_train, ck=None, log=None):
+    """The loop. log(record): the training log (common.metrics_log), given each printed step."""
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = common.restore(ck, model, None, opt, rng)[0] if ck else 0
     value_ids = common.confidence_value_ids(tok)
     autocast = common.autocast(cfg)
+    trained = seconds = 0.0  # trained tokens and seconds since the last logged step: its throughput
     for step in tqdm(range(start, cfg.base_steps), desc="base (SFT)", mininterval=2, disable=common.RANK != 0):
+        t = time.perf_counter()
         frac = max(0.0, (step - cfg.base_warmup) / max(1, cfg.base_steps - cfg.base_warmup))
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr
             g["lr"] = cfg.base_lr * min((step + 1) / cfg.base_warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
@@ -125,32 +129,44 @@ def train_base(cfg, model, tok, sample_train, ck=None):
                 ce = ce / n_tokens
             ce.backward()
             total += ce.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        trained, seconds = trained + n_tokens, seconds + time.perf_counter() - t
         if step % max(1, cfg.base_steps // 5) == 0 or step == cfg.base_steps - 1:
+            if log:  # logged first: a printed step is in metrics.jsonl
+                log({"kind": "train", "stage": "base", "method": None, "step": step, "loss": total,
+                     "lr": opt.param_groups[0]["lr"], "grad_norm": norm.item(),
+                     "train_tokens_per_s": trained / seconds})
             tqdm.write(f"base step {step:4d} | cross-entropy {total:.4f}")
+            trained = seconds = 0.0
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.base_steps:
             common.save_checkpoint(cfg, tok, "base", step + 1, model, None, opt, rng, 0, 0, quiet=True)
 
-def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None):
-    """Stage 0 into `base`, cached in cache_dir as base-<hash of its settings>.pt: the same settings
-    give the same base, so it is trained once and reused. Returns the file's path."""
-    settings = {k: getattr(cfg, k) for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
-                                             "block_size", "base_steps", "base_batch", "base_lr", "base_warmup",
-                                             "base_conf_sigma", "base_conf_shape", "arith_ops", "arith_digits")}
+def _settings(cfg):
+    return {k: getattr(cfg, k) for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
+                                         "block_size", "base_steps", "base_batch", "base_lr", "base_warmup",
+                                         "base_conf_sigma", "base_conf_shape", "arith_ops", "arith_digits")}
+
+def cache_path(cfg, base, cache_dir):
+    """cache_dir/base-<hash of the settings and code that make the base>.pt."""
     # editing the curriculum, its loss or the held-out rule must not reuse a stale base
     curriculum = [inspect.getsource(f) for f in (base_batch_rows, soft_confidence_loss, train_base, arith.is_held,
                                                  arith.make_example)] + [arith.HELD_FRACTION, arith.QUESTION]
     templates = [{t: caopd.TEMPLATES[t] for t in BASE_TEMPLATES}, caopd.NOTE]
-    key = hashlib.sha256(json.dumps([settings, caopd.output_weight(base).shape[0], templates,
+    key = hashlib.sha256(json.dumps([_settings(cfg), caopd.output_weight(base).shape[0], templates,
                                      curriculum]).encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir, f"base-{key}.pt")
+    return os.path.join(cache_dir, f"base-{key}.pt")
+
+def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None, log=None):
+    """Stage 0 into `base`, cached in cache_dir (cache_path): the same settings give the same base,
+    so it is trained once and reused. log: see train_base. Returns the file's path."""
+    path = cache_path(cfg, base, cache_dir)
     if os.path.exists(path):
         base.load_state_dict(common.load_checkpoint(path)["model"])
         print(f"reusing base model {path}")
     elif common.RANK == 0:
-        train_base(cfg, base, tok, sample_train, ck)
-        common.write_atomic(path, {"model": base.state_dict(), "settings": settings}, "wb")
+        train_base(cfg, base, tok, sample_train, ck, log)
+        common.write_atomic(path, {"model": base.state_dict(), "settings": _settings(cfg)}, "wb")
     if common.WORLD > 1:  # rank 0 trained it; the others read it
         import torch.distributed as dist
         dist.barrier()

@@ -11,6 +11,7 @@ held-out questions (greedy) and we compare accuracy and calibration.
     python train_small.py --method=caopd --seed=1  # one method, another seed
     python train_small.py --smoke=True             # the whole pipeline in seconds (machinery only)
     python train_small.py ... --init_from=resume   # continue an interrupted run: the same command + this
+    python curves.py out/metrics.jsonl b/metrics.jsonl  # the training curves of two runs, side by side
     python train_small.py --init_from=Qwen/Qwen3-0.6B --task=science   # a Hugging Face model
     # several GPUs (DDP; --fsdp=True shards)
     torchrun --standalone --nproc_per_node=4 train_small.py ...
@@ -39,7 +40,7 @@ from parallel import RANK, WORLD
 # settings: every global in this block is a setting, overridden as --key=value (the type must
 # match); `python train_small.py --help` prints them with the comments beside them
 # I/O
-out_dir = "out"            # results.json, reliability.png, completions.jsonl, ckpt.pt, the cached base
+out_dir = "out"            # results.json, completions.jsonl, metrics.jsonl, plots, ckpt.pt, the cached base
 export_dtype = "auto"      # out_dir/hf's dtype: "auto" (the loaded files'), "float32" or "bfloat16"
 init_from = "scratch"      # "scratch" (the toy GPT), "resume" (the run in out_dir), or a Hugging Face model
 seed = 0                   # training seed (base model, rollouts); OPD and CaOPD share it
@@ -100,6 +101,7 @@ workers = 0                # 2: OPD and CaOPD side by side, 1: one after the oth
 fsdp = False               # under torchrun: shard weights, gradients and AdamW's state (FSDP2) instead of DDP
 log_every = 25             # steps between printed lines
 eval_every = 0             # steps between held-out evaluations during distillation (0 = only at the end)
+wandb_project = ""         # a wandb project that also gets metrics.jsonl, the settings, the plots ("" = none)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals(), __file__)  # name -> (default, help, group)
 # --smoke: one-digit sums, which a base of 40 steps already gets right now and then, so some questions
@@ -205,7 +207,8 @@ def reset_teacher(net):
 def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
     """Steps 1-3 of a distillation step for this process's questions exs: K rollouts each, their
     verdicts and P_acc, then the training completions and the teacher's prompts.
-    Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc per question)."""
+    Returns (prompts, completions, teacher_prompts, rollout texts, verdicts, P_acc per question,
+    number of sampled tokens)."""
     K, places, end = cfg.K, common.decimals(tok), common.end_id(tok)
     # 1. K rollouts per prompt, all in one batched call (or rollout_batch rows at a time). Their random
     # numbers come from a generator seeded by the step: the same rollouts after a resume, and for any number
@@ -240,7 +243,7 @@ def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
                                    + [end])
         teacher_prompts += [teacher_tokens(tok, ex, context, cfg.enable_thinking)] * K  # one per question
         p_acc.append(p)
-    return prompts, completions, teacher_prompts, texts, correct, p_acc
+    return prompts, completions, teacher_prompts, texts, correct, p_acc, sum(map(len, rollouts))
 
 def kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator=None):
     """Step 4 and its backward pass: the per-token divergence to the teacher on the same completion
@@ -273,11 +276,13 @@ def kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator=None)
         loss += kl.detach()
     return loss
 
-def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, estimator=None, on_log=None):
+def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, estimator=None, on_log=None,
+            log=None):
     """Stage 1 on net's student, in place (net: distiller()); returns the number of skipped
     (non-finite) updates. held: the held-out questions, evaluated every eval_every steps.
     estimator: see kl_backward. on_log(step, model, teacher, prompts, completions, teacher_prompts):
-    called every log_every steps before the update (experiments.py logs entropies with it)."""
+    called every log_every steps before the update (experiments.py logs entropies with it).
+    log(record): the training log (common.metrics_log), given each printed step and evaluation."""
     rng = random.Random(cfg.seed + 1)  # OPD and CaOPD see the same questions
     model, teacher = parallel.inner(net).student, parallel.inner(net).teacher
     device = caopd.output_weight(model).device
@@ -286,6 +291,8 @@ def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, est
     start, bad, skipped = common.restore(ck, model, teacher, opt, rng) if ck else (0, 0, 0)
     n = cfg.prompts_per_step // WORLD  # this process's prompts: rank n .. rank n + n - 1 of each step's batch
     t0 = time.time()
+    # tokens and seconds of the rollouts and of the training since the last logged step: its throughput
+    sampled = trained = t_sample = t_train = 0.0
     bar = RANK == 0 and cfg.workers != 2  # side by side, the two methods' bars would overwrite each other
     for step in tqdm(range(start, cfg.steps), desc=method, mininterval=2, disable=not bar):
         # cosine from lr to min_lr. The stated confidence follows the P_acc of the last few batches:
@@ -294,16 +301,21 @@ def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, est
         for g in opt.param_groups:
             g["lr"] = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         exs = sample_train(rng, cfg.prompts_per_step)[RANK * n:RANK * n + n]
-        prompts, completions, teacher_prompts, texts, correct, p_acc = rollout_batch(
+        t = time.perf_counter()
+        prompts, completions, teacher_prompts, texts, correct, p_acc, n_sampled = rollout_batch(
             cfg, net, tok, method, exs, verify, step, (RANK * n * cfg.K, cfg.prompts_per_step * cfg.K))
+        t_sample += time.perf_counter() - t
         if on_log is not None and step % cfg.log_every == 0:
             on_log(step, model, teacher, prompts, completions, teacher_prompts)
+        t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         # gradients averaged over processes
         kl = kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator)
         stated = [c for c in map(caopd.parse_confidence, texts) if c is not None]
+        # the processes' means; the token counts' means x WORLD are the step's
         stats = parallel.all_mean([kl.item(), sum(correct) / len(correct), sum(p_acc) / len(p_acc),
-                                   sum(stated) / max(1, len(stated)), len(stated) / len(texts)], device)
+                                   sum(stated) / max(1, len(stated)), len(stated) / len(texts),
+                                   n_sampled, sum(map(len, completions))], device)
         norm = parallel.local_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         # skip the update, keep the last good state
         if not (math.isfinite(stats[0]) and torch.isfinite(norm)):
@@ -319,14 +331,27 @@ def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, est
             bad = 0
             opt.step()
             caopd.ema_update(teacher, model, cfg.ema_rate)
+        t_train += time.perf_counter() - t
+        sampled, trained = sampled + stats[5] * WORLD, trained + stats[6] * WORLD
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            # logged first: a printed step is in metrics.jsonl
+            if log:
+                log({"kind": "train", "stage": method, "method": method, "step": step, "loss": stats[0],
+                     "rollout_accuracy": stats[1], "p_acc": stats[2], "stated_confidence": stats[3],
+                     "format_rate": stats[4], "lr": opt.param_groups[0]["lr"], "grad_norm": norm.item(),
+                     "skipped": skipped, "rollout_tokens_per_s": sampled / t_sample,
+                     "train_tokens_per_s": trained / t_train})
             tqdm.write(f"{method:5s} step {step:4d} | {cfg.loss} KL {stats[0]:.4f}"
                        f" | rollout acc {stats[1]:.3f} | P_acc {stats[2]:.3f} | stated conf {stats[3]:.3f}"
                        f" | format {stats[4]:.2f}"
                        f" | {time.time() - t0:.1f}s")
+            sampled = trained = t_sample = t_train = 0.0
         if held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             m, _ = evaluate(cfg, net, tok, method, held, verify)  # every process scores its share
             if RANK == 0:
+                if log:
+                    log({"kind": "eval", "stage": method, "method": method, "step": step + 1, "final": False,
+                         **m})
                 tqdm.write(f"{method:5s} step {step + 1:4d} | held-out acc {m['accuracy']:.3f}"
                            f" | conf {m['mean_confidence']:.3f} | ECE {m['ece']:.3f} | OCG {m['ocg']:+.3f}"
                            f" | SPR {m['spr']:.3f} | AUROC {m['auroc']:.3f}")
@@ -382,7 +407,8 @@ def evaluate(cfg, net, tok, name, held, verify):
 
 # -----------------------------------------------------------------------------
 
-RESUME_FREE = ("init_from", "out_dir", "device", "threads", "log_every", "eval_every")  # change no number
+RESUME_FREE = ("init_from", "out_dir", "device", "threads", "log_every", "eval_every",
+               "wandb_project")  # change no number
 
 def resume_settings(given):
     """--init_from=resume: the checkpoint's settings and the checkpoint. The rest of the command line
@@ -406,6 +432,21 @@ def resume_settings(given):
     check_settings(cfg)
     return cfg, ck
 
+def kept_on_resume(record, order, resumed):
+    """Whether a line of an interrupted run's metrics.jsonl stays when it resumes. order: the run's
+    stages; resumed: {stage: the step it goes on from} (side by side, both methods). Kept: the lines
+    of the stages before those (their final evaluations too: they are not logged again) and, of a
+    stage that goes on, those of the steps before its step and the evaluations up to it (the one at
+    its step came before the checkpoint). So the file goes on without a duplicated or missing line."""
+    if record["stage"] not in order:  # a later run's into this out_dir, stopped before its first checkpoint
+        return False
+    if record["stage"] not in resumed:  # finished before, or not begun
+        return order.index(record["stage"]) < min(order.index(s) for s in resumed)
+    step = resumed[record["stage"]]
+    if record["kind"] == "train":
+        return record["step"] < step
+    return not record["final"] and record["step"] <= step
+
 def main(argv):
     given = common.parse_overrides(argv, SETTINGS, lambda: common.print_help(
         SETTINGS, "python train_small.py [--key=value ...]", __doc__.strip().split("\n\n")[0]))
@@ -415,6 +456,7 @@ def main(argv):
         cfg, ck = resume_settings(given)
     else:
         cfg = settings(**given)
+    tracker = common.import_tracker(cfg.wandb_project)
     common.check_not_locked(cfg.out_dir)
     cfg.device = parallel.init(common.resolve_device(cfg.device))  # torchrun: each process its GPU
     cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
@@ -436,6 +478,22 @@ def main(argv):
     common.take_out_dir(cfg.out_dir)
     if ck:
         print(f"resuming {ck['stage']} at step {ck['step']} from {cfg.out_dir}/ckpt.pt")
+    methods = ["opd", "caopd"] if cfg.method == "both" else [cfg.method]
+    stages = (["base"] if cfg.base_steps else []) + methods
+    # stages before ck's are finished; it continues from ck ("side by side": both methods from their own)
+    at = -1 if not ck else stages.index(methods[0] if ck["stage"] == "side by side" else ck["stage"])
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    kept = []
+    if ck and RANK == 0:  # the interrupted run's lines up to its checkpoint; the run goes on from there
+        resumed = {ck["stage"]: ck["step"]}
+        if ck["stage"] == "base" and os.path.exists(toy_base.cache_path(cfg, base, cfg.out_dir)):
+            resumed = {methods[0]: 0}  # stage 0 ended after its last checkpoint: its base is reused
+        if ck["stage"] == "side by side":  # each method from its own checkpoint, if it wrote one
+            resumed = {m: common.load_checkpoint(common.checkpoint_path(cfg, m))["step"]
+                       if os.path.exists(common.checkpoint_path(cfg, m)) else 0 for m in methods}
+        kept = [r for r in common.read_metrics(metrics, interrupted=True)
+                if kept_on_resume(r, ["base", *methods], resumed)]
+    log, finish = common.metrics_log(cfg, tracker, kept)
     if cfg.smoke:
         shrunk = ", ".join(f"{k}={getattr(cfg, k)}" for k in SMOKE)
         print(f"smoke run: every stage shrunk to seconds ({shrunk}); it checks the machinery, its numbers "
@@ -444,15 +502,11 @@ def main(argv):
           f"vocabulary {caopd.output_weight(base).shape[0]} tokens, {len(held)} held-out questions, model "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
     t_start, seconds, skipped = time.time(), {}, {}
-    methods = ["opd", "caopd"] if cfg.method == "both" else [cfg.method]
-    stages = (["base"] if cfg.base_steps else []) + methods
-    # stages before ck's are finished; it continues from ck ("side by side": both methods from their own)
-    at = -1 if not ck else stages.index(methods[0] if ck["stage"] == "side by side" else ck["stage"])
 
     # stage 0, cached: the same settings give the same base, so it is trained once and reused
     t0 = time.time()
     if cfg.base_steps:
-        toy_base.cached_base(cfg, base, tok, sample_train, cfg.out_dir, ck if at == 0 else None)
+        toy_base.cached_base(cfg, base, tok, sample_train, cfg.out_dir, ck if at == 0 else None, log)
     seconds["base"], seconds["eval"], results = time.time() - t0, 0.0, {}
 
     # each model is scored as soon as it exists (by all processes): then only one is kept
@@ -460,6 +514,10 @@ def main(argv):
         t0 = time.time()
         results[name] = evaluate(cfg, net, tok, name, held, verify)
         seconds["eval"] += time.time() - t0
+        # a resumed run scores every model again, the same answers: logged once
+        if RANK == 0 and not any(r["kind"] == "eval" and r["stage"] == name and r["final"] for r in kept):
+            log({"kind": "eval", "stage": name, "method": None if name == "base" else name,
+                 "step": cfg.base_steps if name == "base" else cfg.steps, "final": True, **results[name][0]})
 
     net = distiller(cfg, base)  # the student is the base; one model (and its teacher) in memory
     evaluated("base")
@@ -474,7 +532,7 @@ def main(argv):
             resume = common.load_checkpoint(mine)
         parallel.restore(model, start)
         reset_teacher(net)
-        n_skipped = distill(cfg, net, tok, m, sample_train, verify, resume, held=held)
+        n_skipped = distill(cfg, net, tok, m, sample_train, verify, resume, held=held, log=log)
         state = parallel.full_state(model)  # gathered on rank 0 under FSDP2
         skipped[m], seconds[m] = n_skipped, time.time() - t0
         if RANK == 0:
@@ -515,13 +573,16 @@ def main(argv):
 
     common.write_atomic(os.path.join(cfg.out_dir, "completions.jsonl"),
                         "".join(json.dumps(r) + "\n" for _, records in results.values() for r in records))
-    common.reliability_diagram(results, os.path.join(cfg.out_dir, "reliability.png"))
+    images = {name: os.path.join(cfg.out_dir, f"{name}.png") for name in ("reliability", "curves")}
+    common.reliability_diagram(results, images["reliability"])
+    common.training_curves([(cfg.out_dir, common.read_metrics(metrics))], images["curves"])
     seconds["total"] = time.time() - t_start
     common.write_json(os.path.join(cfg.out_dir, "results.json"),
                       {"config": vars(cfg), "models": {n: m for n, (m, _) in results.items()},
                        "skipped_updates": skipped, "seconds": seconds})
-    print(f"\nwrote {cfg.out_dir}/results.json, reliability.png, completions.jsonl in "
-          f"{seconds['total']:.0f}s")
+    finish(images)
+    print(f"\nwrote {cfg.out_dir}/results.json, reliability.png, curves.png, completions.jsonl, "
+          f"metrics.jsonl in {seconds['total']:.0f}s")
     parallel.close()
 
 if __name__ == "__main__":
