@@ -913,8 +913,12 @@ TRAIN_FIELDS = BASE_FIELDS | {"rollout_accuracy", "p_acc", "stated_confidence", 
 EVAL_FIELDS = COMMON_FIELDS | {"final"}  # and the held-out metrics of results.json
 UNTIMED = ("time", "peak_memory_mib", "rollout_tokens_per_s", "train_tokens_per_s")  # differ from run to run
 
-def _metrics(out, timed=False):
+def _metrics(out, timed=False, file_order=False):
+    """metrics.jsonl's lines by stage (each stage's in file order): side by side (--workers=2, the
+    default on 2 cores) the two methods' processes write their lines as they come."""
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    if not file_order:
+        lines.sort(key=lambda r: ["base", "opd", "caopd"].index(r["stage"]))  # stable: within a stage, file order
     return lines if timed else [{k: v for k, v in r.items() if k not in UNTIMED} for r in lines]
 
 def test_smoke_run_end_to_end(tmp_path):
@@ -950,7 +954,8 @@ def test_smoke_run_end_to_end(tmp_path):
             assert f"{x['stage']:5s} step {x['step']:4d} | reverse KL {x['loss']:.4f} | rollout acc " \
                    f"{x['rollout_accuracy']:.3f} | P_acc {x['p_acc']:.3f} | stated conf " \
                    f"{x['stated_confidence']:.3f} | format {x['format_rate']:.2f}" in r.stdout
-    assert [x["time"] for x in records] == sorted(x["time"] for x in records)
+    times = [x["time"] for x in _metrics(out, timed=True, file_order=True)]
+    assert times == sorted(times)
     assert "opd   step" in r.stdout and "caopd step" in r.stdout
     assert "smoke run: every stage shrunk to seconds" in r.stdout and "its numbers mean nothing" in r.stdout
     assert "eval base" in r.stderr  # the evaluation's progress bar
@@ -1055,7 +1060,7 @@ def test_sigkill_after_stage_0_then_resume_keeps_metrics_whole(reference_run, tm
     """Killed in stage 1 before its first checkpoint: ckpt.pt still holds stage 0 (step 20), whose
     base is already cached, so the resumed run reuses it and starts OPD over. metrics.jsonl keeps
     stage 0's lines and its evaluation, and drops OPD's first steps, logged again."""
-    run = ("--smoke=True", "--steps=24", "--ckpt_every=20", "--n_eval=16")  # RUN, fewer checkpoints
+    run = ("--smoke=True", "--steps=24", "--ckpt_every=20", "--n_eval=16", "--workers=1")  # RUN, fewer checkpoints
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *run, "--out_dir=out"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -1299,7 +1304,7 @@ def test_wandb_offline_run_holds_the_records_settings_and_plots(reference_run, t
     r = subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), "--smoke=True", "--wandb_project=test",
                         f"--out_dir={out}"], capture_output=True, text=True, timeout=600, env=_wandb_env(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = _metrics(out, timed=True)
+    lines = _metrics(out, timed=True, file_order=True)  # the tracker's rows: the file's lines, in order
     history, config, run = _wandb_history(out)
     assert len(lines) == 9 and {i: _tracked(x) for i, x in enumerate(lines)} == \
         {i: row for i, row in history.items() if i < len(lines)}  # row i is line i, every value equal
@@ -1347,7 +1352,7 @@ def test_wandb_failing_in_the_middle_warns_once_and_the_run_goes_on(reference_ru
     warnings = [l for l in r.stdout.splitlines() if l.startswith("warning: wandb failed")]
     assert warnings == [f"warning: wandb failed (OSError: [Errno 28] No space left on device); the run goes on "
                         f"without it, {out}/metrics.jsonl has every line"]
-    lines = _metrics(out, timed=True)
+    lines = _metrics(out, timed=True, file_order=True)
     assert len(lines) == 9 and (out / "results.json").exists() and (out / "curves.png").exists()
     history = _wandb_history(out)[0]
     assert history == {i: _tracked(x) for i, x in enumerate(lines[:2])}  # the two rows before it failed
