@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -793,21 +794,23 @@ def bench_first_run(reps):
     method after the other (--workers=1, how it ran before) against the default (side by side on a
     machine with two cores), alternated, reps runs each, each alone in an empty out_dir: the wall
     seconds, their medians and ratio, and whether every run's results.json models and
-    completions.jsonl are byte-identical to the first one-after-the-other run's."""
+    completions.jsonl are byte-identical to the first one-after-the-other run's. The runs stay in
+    out/bench_first_run/."""
     times, outputs = {1: [], 0: []}, []
     for i in range(reps):
         for workers in (1, 0):
-            with tempfile.TemporaryDirectory() as out_dir:
-                t0 = time.perf_counter()
-                run_measured([sys.executable, os.path.join(HERE, "train_small.py"), f"--workers={workers}",
-                              f"--out_dir={out_dir}"])
-                times[workers].append(time.perf_counter() - t0)
-                res = json.load(open(os.path.join(out_dir, "results.json")))
-                outputs.append((json.dumps(res["models"]), open(os.path.join(out_dir, "completions.jsonl")).read()))
-                print(f"  run {i + 1}, {'one after the other' if workers == 1 else 'the default (side by side)'}: "
-                      f"{times[workers][-1]:.0f} s (stage 0 {res['seconds']['base']:.0f} s, opd "
-                      f"{res['seconds']['opd']:.0f} s, caopd {res['seconds']['caopd']:.0f} s, evaluation "
-                      f"{res['seconds']['eval']:.0f} s; workers={res['config']['workers']})", flush=True)
+            out_dir = os.path.join(HERE, "out", "bench_first_run", f"workers{workers}-{i + 1}")  # kept: its curves
+            shutil.rmtree(out_dir, ignore_errors=True)
+            t0 = time.perf_counter()
+            run_measured([sys.executable, os.path.join(HERE, "train_small.py"), f"--workers={workers}",
+                          f"--out_dir={out_dir}"])
+            times[workers].append(time.perf_counter() - t0)
+            res = json.load(open(os.path.join(out_dir, "results.json")))
+            outputs.append((json.dumps(res["models"]), open(os.path.join(out_dir, "completions.jsonl")).read()))
+            print(f"  run {i + 1}, {'one after the other' if workers == 1 else 'the default (side by side)'}: "
+                  f"{times[workers][-1]:.0f} s (stage 0 {res['seconds']['base']:.0f} s, opd "
+                  f"{res['seconds']['opd']:.0f} s, caopd {res['seconds']['caopd']:.0f} s, evaluation "
+                  f"{res['seconds']['eval']:.0f} s; workers={res['config']['workers']})", flush=True)
     same = all(o == outputs[0] for o in outputs)
     med = {w: statistics.median(t) for w, t in times.items()}
     print(f"  median {med[1]:.0f} s one after the other, {med[0]:.0f} s the default: {med[0] / med[1]:.2f}x; results and "
