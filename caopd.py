@@ -395,7 +395,8 @@ def completion_hidden(model, prompts, completions):
 # m = beta * p_t + (1 - beta) * p_s, JSD = beta KL(p_t||m) + (1 - beta) KL(p_s||m), and beta = 0 / 1
 # meaning forward / reverse KL.
 
-DIVERGENCES = ("reverse", "forward", "jsd")  # kl_divergence's; fused_linear_kl has its own gradients of these
+DIVERGENCES = ("reverse", "forward", "jsd")  # kl_divergence's
+FUSED = ("reverse", "forward", "jsd")  # fused_linear_kl's: their gradients are derived by hand below
 
 def kl_divergence(logp_s, logp_t, kind="reverse", beta=0.5):
     """Per-position divergence from log-probabilities (..., V) -> (...), in plain autograd: a new
@@ -531,7 +532,7 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     if not torch.is_tensor(mask) or mask.shape != (hs.shape[0],):
         got = tuple(getattr(mask, "shape", ()))
         raise ValueError(f"mask must have shape ({hs.shape[0]},), got {got}; {shapes}")
-    if kind not in ("reverse", "forward", "jsd"):
+    if kind not in FUSED:
         raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")

@@ -138,7 +138,7 @@ def check_settings(cfg):
         (c.enable_thinking in ("default", "true", "false"), "enable_thinking",
          "must be 'default', 'true' or 'false'"),
         (c.loss in caopd.DIVERGENCES, "loss", f"must be one of {list(caopd.DIVERGENCES)}"),
-        (not c.fused or c.loss in ("reverse", "forward", "jsd"), "loss",
+        (not c.fused or c.loss in caopd.FUSED, "loss",
          "has no fused kernel (its gradients are derived for reverse, forward, jsd): add --fused=False"),
         (0 <= c.jsd_beta <= 1, "jsd_beta", "must be in [0, 1]"),
         (c.K >= 1, "K", "must be >= 1"),
