@@ -26,6 +26,7 @@ train_small.py runs it; the verifiers of the paper's two tasks sit beside their 
 import inspect
 import math
 import re
+import time
 from dataclasses import dataclass
 
 import tiktoken
@@ -85,13 +86,20 @@ class Block(nn.Module):
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if kv is not None:  # write this call's keys/values at pos, attend to everything so far
-            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
-            k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
-        # causal: the T new tokens sit at positions pos .. pos + T - 1 and see everything before them
-        mask = None if T == 1 or pos == 0 else \
-            torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0)
+        if torch.is_tensor(pos):  # one token at position pos (a tensor: the captured decode step, whose
+            # shapes never change): written at pos, attending to the whole cache up to it
+            kv[0].index_copy_(2, pos, k), kv[1].index_copy_(2, pos, v)
+            k, v = kv
+            mask, causal = (torch.arange(k.shape[2], device=x.device) <= pos)[None], False  # (1, L)
+        else:
+            if kv is not None:  # write this call's keys/values at pos, attend to everything so far
+                kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
+                k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+            # causal: the T new tokens sit at positions pos .. pos + T - 1 and see everything before them
+            mask = None if T == 1 or pos == 0 else \
+                torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+            causal = T > 1 and pos == 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
 
@@ -114,9 +122,9 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> final hidden states (B, T, C). Logits are hidden @ wte.weight.T
         (output_weight); the loss never forms them for all positions at once (see fused_linear_kl)."""
         T = idx.shape[1]
-        assert pos + T <= self.cfg.block_size, \
+        assert torch.is_tensor(pos) or pos + T <= self.cfg.block_size, \
             f"sequence of {pos + T} tokens > block_size {self.cfg.block_size}"
-        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device))  # (B, T, C)
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device) + pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache[i]
             # keep each block's input only, recompute the rest
@@ -126,11 +134,12 @@ class GPT(nn.Module):
                 x = block(x, kv, pos)
         return self.ln_f(x)
 
-    def new_cache(self, batch, length):
+    def new_cache(self, batch, length, dtype=None):
         c = self.cfg
         shape = (batch, c.n_head, length, c.n_embd // c.n_head)
         w = self.wte.weight
-        return [(w.new_empty(shape), w.new_empty(shape)) for _ in range(c.n_layer)]
+        # zeros: the captured step attends to the whole cache, its unwritten part masked (0 x NaN is NaN)
+        return [(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype)) for _ in range(c.n_layer)]
 
 # -----------------------------------------------------------------------------
 # Rollouts: K completions per prompt, all prompts of a step in one batched call
@@ -144,7 +153,7 @@ def prefill(model, prompts, length):
     for p in prompts:
         distinct.setdefault(tuple(p), len(distinct))
     rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
-    cache = model.new_cache(len(distinct), length)
+    cache = model.new_cache(len(distinct), length, compute_dtype(device))  # keys/values as computed
     h = model(torch.tensor(list(distinct), device=device), cache)[:, -1]  # (U, C)
     # index_select, not h[rows]: advanced indexing is ~10x slower on CPU for these whole-row copies
     # (B, C), (B, nh, length, hs) per layer
@@ -159,7 +168,44 @@ def output_weight(model):
     """The output projection (V, C): our tied wte, or a Hugging Face model's lm_head (tied or not)."""
     return model.wte.weight if isinstance(model, GPT) else model.get_output_embeddings().weight
 
-def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
+def compute_dtype(device):
+    """The dtype activations are computed in on `device`: autocast's, else None (the weights')."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+# A decode step is one token per row through every layer: ~1,800 small operations for a model of
+# 28 layers, each a kernel launch of a few microseconds on a GPU, against a few milliseconds of
+# arithmetic for a 0.6B model. So the host, not the GPU, sets the pace, unless the step is captured:
+# compiled once (torch.compile) over shapes that never change, a KV cache allocated for the whole
+# call and a position that is a tensor, and on a GPU replayed as one CUDA graph per token.
+COMPILED, COMPILE_SECONDS = {}, {}  # step function -> its compiled version, its first call's seconds
+
+def _step(fn, compiled):
+    """fn, or fn under torch.compile (made once per process; compiled on its first call, timed and
+    said then)."""
+    if not compiled:
+        return fn
+    on_gpu = torch.cuda.is_available()
+    if fn not in COMPILED:
+        COMPILED[fn] = torch.compile(fn, mode="reduce-overhead" if on_gpu else None, fullgraph=True)
+    f = COMPILED[fn]
+
+    def step(*args):
+        if fn in COMPILE_SECONDS:
+            return f(*args)
+        t0 = time.perf_counter()
+        out = f(*args)
+        COMPILE_SECONDS[fn] = time.perf_counter() - t0
+        print(f"compiled the rollouts' decode step in {COMPILE_SECONDS[fn]:.0f}s ("
+              f"{'CUDA graphs' if on_gpu else 'no CUDA graphs on a CPU'}; --compile_decode=false runs it "
+              f"eagerly)", flush=True)
+        return out
+    return step
+
+def _gpt_step(model, cache, nxt, pos):
+    """The captured step of our GPT: token nxt (B,) at position pos (a 1-element tensor) -> logits."""
+    return model(nxt[:, None], cache, pos)[:, -1] @ model.wte.weight.T
+
+def _gpt_decoder(model, prompts, max_new_tokens, use_cache, compiled=False):
     """Logits of the next token, step by step: decode(None) for the first, decode(tokens (B,)) after."""
     assert len({len(p) for p in prompts}) == 1, \
         "our GPT samples prompts of one length (the toy pads its questions)"
@@ -167,11 +213,17 @@ def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
     Tp = t = idx.shape[1]  # t: the position of the next token
     if use_cache:
         h0, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
+    if compiled:  # the cache's tensors stay where they are: a CUDA graph reads them in place
+        for k, v in cache:
+            torch._dynamo.mark_static_address(k), torch._dynamo.mark_static_address(v)
+        step, pos = _step(_gpt_step, compiled), torch.tensor([Tp - 1], device=idx.device)
 
     def decode(nxt):
         nonlocal idx, t
         if nxt is None:
             h = h0 if use_cache else model(idx)[:, -1]
+        elif compiled:
+            return step(model, cache, nxt, pos.add_(1))
         elif use_cache:
             h = model(nxt[:, None], cache, t)[:, -1]
             t += 1
@@ -181,25 +233,31 @@ def _gpt_decoder(model, prompts, max_new_tokens, use_cache):
         return h @ model.wte.weight.T  # (B, V)
     return decode
 
+CHECK_EVERY = 8  # tokens between reads of "has every row finished?": on a GPU each read waits for it
+
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, generator=None, rows=None,
-           use_cache=True):
+           use_cache=True, compiled=False):
     """Sample a completion for each prompt (a list of token lists) from our GPT or a Hugging Face
     causal LM, with a KV cache. Returns one token list per prompt: the completion, ending in end_id
     unless it ran out of max_new_tokens. temperature 0 is greedy.
     rows = (first, total): these prompts are rows first .. first + B - 1 of a batch of `total`
-    split across data-parallel processes. Each step draws one uniform per row of the whole batch
-    from `generator` and keeps its own: a row's sample never depends on how the batch was split.
+    split across data-parallel processes. The call draws one uniform per row of the whole batch and
+    token from `generator` at once, on its device, and keeps its rows': a row's sample never
+    depends on how the batch was split. compiled: the captured decode step (see above).
     use_cache=False (our GPT) re-runs the full forward every step: to test and benchmark the cache."""
     B = len(prompts)
     first, total = rows or (0, B)
     if isinstance(model, GPT):
-        decode = _gpt_decoder(model, prompts, max_new_tokens, use_cache)
+        decode = _gpt_decoder(model, prompts, max_new_tokens, use_cache, compiled)
     else:
-        decode = _hf_decoder(model, prompts)
+        decode = _hf_decoder(model, prompts, max_new_tokens, compiled)
     logits = decode(None)
     device = logits.device
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    if temperature:  # (max_new_tokens, B, 1): token t of every row of the whole batch, this process's rows
+        u = torch.rand(max_new_tokens, total, 1, generator=generator,
+                       device=generator.device if generator else device)[:, first:first + B].to(device)
+    out = torch.full((B, max_new_tokens), end_id, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         if temperature == 0:
@@ -212,13 +270,11 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
             # inverse-CDF sampling, one uniform per row: torch.multinomial draws an exponential per
             # vocabulary entry: ~1.5 ms of a ~10 ms decode step at B = 128, V = 331 on one CPU thread
             cdf = F.softmax(logits, -1).cumsum_(-1)
-            u = torch.rand(total, 1, generator=generator, device=generator.device if generator else "cpu")
-            u = u[first:first + B].to(device) * cdf[:, -1:]
-            nxt = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+            nxt = torch.searchsorted(cdf, u[t] * cdf[:, -1:], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
         nxt = nxt.masked_fill(done, end_id)  # finished rows keep emitting END (cut off below)
-        out = torch.cat([out, nxt[:, None]], 1)
+        out[:, t] = nxt
         done |= nxt == end_id
-        if done.all() or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or (t % CHECK_EVERY == CHECK_EVERY - 1 and done.all()):
             break
         logits = decode(nxt)
     completions = []
@@ -638,24 +694,47 @@ def _hf_prefill(model, prompts):
     h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
     return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
 
-def _hf_decoder(model, prompts):
-    """The same for a Hugging Face causal LM, over its own KV cache: the prompts through
-    _hf_prefill (each distinct one once, left-padded), then one token per row per step. The logits
-    are F.linear(h, output_weight()), as the model's own head computes them: under autocast the
-    bfloat16 copy of a trainable weight is made once and cached, where one of W.T (a view) would be
-    made at every step (3.5x slower logits at Qwen3's vocabulary on the CPU)."""
-    W, name = output_weight(model), _hf_cache_name(model)
-    h0, cache, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
+def _hf_step(model, cache, mask, nxt, pos):
+    """One token per row through a Hugging Face model over its static cache -> logits (B, V): the
+    decode step, run eagerly or captured. The logits are F.linear(h, output_weight()), as the model's
+    own head computes them: under autocast the bfloat16 copy of a trainable weight is made once and
+    cached, where one of W.T (a view) would be made at every step (3.5x slower logits on the CPU)."""
+    out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                           use_cache=True, **{_hf_cache_name(model): cache})
+    return F.linear(out.last_hidden_state[:, -1], output_weight(model)).float()
+
+def _hf_decoder(model, prompts, max_new_tokens, compiled=False):
+    """The same for a Hugging Face causal LM: the prompts through _hf_prefill (each distinct one once,
+    left-padded), copied into a static cache (transformers.StaticCache: allocated once for the whole
+    call, in the compute dtype), then one token per row per step. Its length is rounded up to 64
+    tokens, so calls of nearby prompt lengths share one compiled step."""
+    from transformers import StaticCache
+    W = output_weight(model)
+    h0, dynamic, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
+    (B, T), L = mask.shape, -(-(mask.shape[1] + max_new_tokens) // 64) * 64
+    cache, dtype = StaticCache(config=model.config, max_cache_len=L), dynamic.layers[0].values.dtype
+    heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
+    cache.early_initialization(B, list(heads), list(dims), dtype, W.device)
+    for s, d in zip(cache.layers, dynamic.layers):
+        s.keys[:, :, :T], s.values[:, :, :T] = d.keys, d.values
+        s.cumulative_length.fill_(T)
+    del dynamic
+    # keys and values in the compute dtype: under autocast Qwen3's keys leave its (float32) norm and
+    # rotary embedding in float32 beside bfloat16 values, and attention would cast the whole key
+    # cache at every step
+    update = cache.update
+    cache.update = lambda k, v, *args, **kwargs: update(k.to(dtype), v.to(dtype), *args, **kwargs)
+    # the positions after the prompt are all visible: causality hides those not yet written
+    mask = torch.cat([mask, mask.new_ones(B, L - T)], 1)
+    step = _step(_hf_step, compiled)
 
     def decode(nxt):
-        nonlocal mask, pos
+        nonlocal pos
         if nxt is None:
             return F.linear(h0, W).float()
-        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
-        out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                               use_cache=True, **{name: cache})  # the cache grows in place
+        logits = step(model, cache, mask, nxt, pos)
         pos = pos + 1
-        return F.linear(out.last_hidden_state[:, -1], W).float()
+        return logits
     return decode
 
 def _hf_completion_hidden(model, prompts, completions, x):

@@ -146,6 +146,87 @@ def autocast(cfg):
         return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
     return nullcontext()
 
+# -----------------------------------------------------------------------------
+# memory: how many rows a sampling call can take on this device
+
+EVAL_CAP = 500  # eval_batch = 0: at most this many questions a call (fewer where they do not fit)
+
+def free_memory(device):
+    """Bytes this process can still allocate on device: CUDA's free memory plus what torch's
+    allocator holds unused; on the CPU Linux's MemAvailable; None where neither is known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+def model_shape(model):
+    """(layers, key/value heads, head size, hidden size, MLP size, vocabulary) of our GPT or of a
+    Hugging Face model's config."""
+    if isinstance(model, caopd.GPT):
+        c = model.cfg
+        return c.n_layer, c.n_head, c.n_embd // c.n_head, c.n_embd, 4 * c.n_embd, c.vocab_size
+    c = model.config.get_text_config()
+    heads = c.num_attention_heads
+    head = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return (c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head, c.hidden_size,
+            c.intermediate_size, c.vocab_size)
+
+def sampling_bytes(model, prompt, new, dtype):
+    """An upper bound on the bytes one row of a sampling call (caopd.sample) holds at once, for a
+    prompt of `prompt` tokens and `new` new ones, activations in dtype: its static KV cache (the
+    length rounded up to 64, as caopd._hf_decoder allocates it), during the prefill the prompt's own
+    cache, its activations (the residual stream, the MLP, one layer's attention scores) and at every
+    step the float32 logits, their softmax and CDF."""
+    layers, kv_heads, head, hidden, mlp, vocab = model_shape(model)
+    size = torch.finfo(dtype).bits // 8
+    length = -(-(prompt + new) // 64) * 64
+    kv = 2 * layers * kv_heads * head * size  # per position
+    prefill = prompt * (kv + (4 * hidden + 3 * mlp) * size + 4 * kv_heads * prompt)
+    return kv * length + prefill + 4 * 4 * vocab
+
+def fit_batches(cfg, net, tok, held):
+    """cfg.eval_batch and cfg.rollout_batch in rows that fit in the device's free memory, before
+    anything is trained. 0 (the default) becomes the most that is asked (EVAL_CAP questions, all of a
+    step's rollouts), lowered with a note where fewer fit; a number that does not fit is an error that
+    says the largest that does. What training still allocates (the student's float32 gradient and
+    AdamW's two moments) is set aside first. Fewer rows a call change no rollout: each row's random
+    numbers are its own (caopd.sample)."""
+    model = parallel.inner(net).student
+    free = free_memory(cfg.device)
+    want = {"eval_batch": min(EVAL_CAP, -(-len(held) // WORLD)),
+            "rollout_batch": cfg.prompts_per_step // WORLD * cfg.K}
+    if free is None:
+        print(f"note: the free memory of {cfg.device} is unknown here: eval_batch and rollout_batch are not "
+              f"checked against it")
+        for k, n in want.items():
+            setattr(cfg, k, getattr(cfg, k) or n)
+        return
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) // (WORLD if cfg.fsdp else 1)
+    budget = 0.9 * (free - 12 * trainable)
+    prompt = max(len(student_tokens(tok, ex, cfg.enable_thinking)) for ex in held)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    per_row = sampling_bytes(model, prompt, cfg.max_new_tokens, dtype)
+    fits = int(budget // per_row)
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    where = (f"{gib(per_row * 1.0)} per row (a prompt of up to {prompt} + {cfg.max_new_tokens} tokens), "
+             f"{gib(max(budget, 0))} of {cfg.device}'s memory free for it")
+    if fits < 1:
+        die(f"a sampling call of one row does not fit: {where}; lower --max_new_tokens or use a larger device")
+    for k, n in want.items():
+        given = getattr(cfg, k)
+        if given > fits:
+            die(f"--{k}={given}: does not fit in memory ({where}): the largest that fits is {fits}")
+        if not given and n > fits:
+            print(f"note: {k} lowered to {fits} rows a call, the most that fit ({where})")
+        setattr(cfg, k, given or min(n, fits))
+
 def frozen_copy(model, dtype):
     """A copy of model without gradients, its parameters in dtype: a frozen teacher needs no float32
     master weights. Made parameter by parameter (no second float32 copy); tied weights stay tied."""

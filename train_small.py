@@ -77,7 +77,7 @@ smooth_p_acc = False       # P_acc = (correct + 1) / (K + 2) instead, never 0 or
 temperature = 0.3          # of the rollouts (evaluation is greedy)
 top_k = 0                  # 0 = sample from the full vocabulary
 max_new_tokens = 12        # of a completion; the toy's "Answer: 6887\nConfidence: 0.7" + the end token is 12
-eval_batch = 500           # questions per greedy evaluation call
+eval_batch = 0             # questions per greedy evaluation call (0 = 500, or fewer if memory holds fewer)
 # teacher
 teacher_context = "demo"   # a caopd.TEMPLATES name: "demo" (the reference), "correct_solution" (a rollout)
 ema_rate = 0.0             # teacher <- (1 - a) teacher + a student after every step; 0 = a frozen teacher
@@ -94,7 +94,8 @@ grad_clip = 1.0            # gradient norm clip
 device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
 dtype = "auto"             # compute: "auto" (bfloat16 autocast on a GPU that has it), "float32", "bfloat16"
 micro_batch = 0            # sequences per forward/backward pass (0 = all of a step's): activation memory
-rollout_batch = 0          # rollouts per sampling call (0 = all of a step's): their KV cache
+rollout_batch = 0          # rollouts per sampling call (0 = all of a step's, or fewer if memory holds fewer)
+compile_decode = "auto"    # the rollouts' decode step under torch.compile: "auto" (on a GPU), "true", "false"
 grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
 workers = 0                # 2: OPD and CaOPD side by side, 1: one after the other, 0: 2 given the cores
@@ -150,7 +151,12 @@ def check_settings(cfg):
         (c.skip_tokens >= 0, "skip_tokens", "must be >= 0"),
         *((getattr(c, k) >= 1, k, "must be >= 1") for k in (
             "prompts_per_step", "base_batch", "n_eval", "max_new_tokens", "threads", "log_every",
-            "ckpt_every", "max_bad_steps", "eval_batch", "n_layer", "n_head", "n_embd", "block_size")),
+            "ckpt_every", "max_bad_steps", "n_layer", "n_head", "n_embd", "block_size")),
+        (c.eval_batch >= 0, "eval_batch", "must be >= 0 (0 = 500, or fewer if memory holds fewer)"),
+        (c.compile_decode in ("auto", "true", "false"), "compile_decode",
+         "must be 'auto', 'true' or 'false'"),
+        (c.compile_decode != "true" or not c.fsdp, "compile_decode",
+         "captures an unsharded model's step: not with --fsdp (drop one)"),
         (c.n_embd % c.n_head == 0, "n_head", f"must divide n_embd ({c.n_embd})"),
         (c.lr > 0, "lr", "must be > 0"),
         (c.base_lr > 0, "base_lr", "must be > 0"),
@@ -218,10 +224,10 @@ def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
     rollouts, mb, sample = [], cfg.rollout_batch or len(prompts), parallel.inner(net).sample
     with parallel.gathered(net):
         for a in range(0, len(prompts), mb):
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            gen = torch.Generator(cfg.device).manual_seed(cfg.seed * 1_000_003 + step)
             with common.autocast(cfg):
                 rollouts += sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature, cfg.top_k,
-                                   gen, rows=(rows[0] + a, rows[1]))
+                                   gen, rows=(rows[0] + a, rows[1]), compiled=cfg.compile_decode == "true")
     texts = [decode(tok, r) for r in rollouts]
     # 2. verify them
     correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
@@ -370,13 +376,14 @@ def evaluate(cfg, net, tok, name, held, verify):
     process answers its share of the questions, rank 0 gathers them. The same parser and verifier
     as training."""
     texts, mine = [], held[parallel.my_slice(len(held))]
+    rows = cfg.eval_batch or common.EVAL_CAP  # main sizes it to memory (common.fit_batches)
     with parallel.gathered(net):
-        for i in tqdm(range(0, len(mine), cfg.eval_batch), desc=f"eval {name}", leave=False,
+        for i in tqdm(range(0, len(mine), rows), desc=f"eval {name}", leave=False,
                       disable=RANK != 0):
-            prompts = [student_tokens(tok, ex, cfg.enable_thinking) for ex in mine[i:i + cfg.eval_batch]]
+            prompts = [student_tokens(tok, ex, cfg.enable_thinking) for ex in mine[i:i + rows]]
             with common.autocast(cfg):
                 completions = parallel.inner(net).sample(prompts, cfg.max_new_tokens, common.end_id(tok),
-                                                         temperature=0)
+                                                         temperature=0, compiled=cfg.compile_decode == "true")
             texts += [decode(tok, r) for r in completions]
     texts = parallel.gather(texts)  # rank order is the questions' order
     if RANK != 0:
@@ -460,6 +467,8 @@ def main(argv):
     common.check_not_locked(cfg.out_dir)
     cfg.device = parallel.init(common.resolve_device(cfg.device))  # torchrun: each process its GPU
     cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
+    if cfg.compile_decode == "auto":  # captured where the host would set the pace: a GPU
+        cfg.compile_decode = "true" if "cuda" in cfg.device and not cfg.fsdp else "false"
     torch.set_num_threads(cfg.threads)
     if cfg.workers == 0:  # side by side where it pays: the toy's two methods on a CPU with a core for each
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -499,6 +508,7 @@ def main(argv):
         print(f"smoke run: every stage shrunk to seconds ({shrunk}); it checks the machinery, its numbers "
               f"mean nothing")
     print(f"device {cfg.device}, {cfg.dtype} compute, {WORLD} process(es), {cfg.threads} thread(s), "
+          f"decode step {'compiled' if cfg.compile_decode == 'true' else 'eager'}, "
           f"vocabulary {caopd.output_weight(base).shape[0]} tokens, {len(held)} held-out questions, model "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
     t_start, seconds, skipped = time.time(), {}, {}
@@ -520,6 +530,7 @@ def main(argv):
                  "step": cfg.base_steps if name == "base" else cfg.steps, "final": True, **results[name][0]})
 
     net = distiller(cfg, base)  # the student is the base; one model (and its teacher) in memory
+    common.fit_batches(cfg, net, tok, held)  # eval_batch, rollout_batch: rows a call that fit in memory
     evaluated("base")
     start = parallel.snapshot(base)  # every method starts from the base's weights, kept on the CPU
     model = base
