@@ -66,8 +66,8 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 def default_chunk(N, V):
-    """The chunk size fused_linear_kl picks when chunk_size=None (keep in sync with caopd.py)."""
-    return max(1, min(N, (1 << 23) // V))
+    """The chunk size fused_linear_kl picks on the CPU when chunk_size=None."""
+    return caopd.loss_chunk(N, V, torch.device("cpu"))
 
 def make_inputs(N, d, V, dtype=torch.float32):
     """Random student/teacher hiddens and unembeddings with a fixed seed. Weights are scaled so

@@ -535,8 +535,10 @@ class _FusedLinearKL(torch.autograd.Function):
                 grad_h[r] = (g.to(ws_mm.dtype) @ ws_mm).to(hs.dtype)  # (n, d_s) = (n, V) @ (V, d_s)
             if need_w and mm is None:
                 grad_w.addmm_(g.T, h_s.to(acc))  # (V, d_s) += (V, n) @ (n, d_s), in place
-            elif need_w:
-                grad_w += g.T.to(mm) @ h_s  # the product in bfloat16, the sum in float32
+            elif need_w and _ADDMM_F32.get(ws.device.type):  # bfloat16 products summed into float32 in place
+                torch.addmm(grad_w, g.T.to(mm), h_s, out_dtype=acc, out=grad_w)
+            elif need_w:  # the product in bfloat16, a (V, d_s) temporary, the sum in float32
+                grad_w += g.T.to(mm) @ h_s
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(ws.dtype))
         return loss
 
@@ -561,6 +563,21 @@ def _logits_into(buf, h, weight):
         torch.mm(h, weight.T, out=buf)
     else:
         buf.copy_(h @ weight.T)
+
+def loss_chunk(n, vocab, device):
+    """fused_linear_kl's rows per chunk for n rows and a vocabulary of `vocab`. On a CPU about 2^23
+    logits (32 MB in float32) per chunk buffer: larger chunks gain nothing there. On a GPU a chunk
+    costs its launches and a (V, d) gradient update whatever its size, so as many rows as its three
+    float32 (rows, V) buffers fit in an eighth of the free memory."""
+    if device.type != "cuda":
+        return max(1, min(n, (1 << 23) // vocab))
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+        torch.cuda.memory_allocated(device)
+    return max(1, min(n, free // 8 // (3 * 4 * vocab)))
+
+# addmm writing float32 from bfloat16 operands: CUDA has the kernel, the CPU does not
+_ADDMM_F32 = {t: torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", t.upper())
+              for t in ("cpu", "cuda")}
 
 def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
                     kind="reverse", beta=0.5, chunk_size=None):
@@ -594,8 +611,8 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if kind == "jsd" and beta in (0.0, 1.0):
         kind = "forward" if beta == 0.0 else "reverse"
-    if chunk_size is None:  # about 2^23 logits (32 MB in fp32) per chunk buffer
-        chunk_size = max(1, min(hs.shape[0], (1 << 23) // ws.shape[0]))
+    if chunk_size is None:
+        chunk_size = loss_chunk(hs.shape[0], ws.shape[0], hs.device)
     w = mask.detach().to(torch.promote_types(hs.dtype, torch.float32))
     if not w.any():
         return (hs.sum() + ws.sum()) * 0.0  # nothing counts: zero loss, zero gradients

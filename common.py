@@ -178,27 +178,32 @@ def model_shape(model):
     return (c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head, c.hidden_size,
             c.intermediate_size, c.vocab_size)
 
+def kv_bytes(model, dtype):
+    """Bytes of KV cache per row and position: keys and values of every layer, in dtype."""
+    layers, kv_heads, head, *_ = model_shape(model)
+    return 2 * layers * kv_heads * head * (torch.finfo(dtype).bits // 8)
+
 def sampling_bytes(model, prompt, new, dtype):
     """An upper bound on the bytes one row of a sampling call (caopd.sample) holds at once, for a
     prompt of `prompt` tokens and `new` new ones, activations in dtype: its static KV cache (the
     length rounded up to 64, as caopd._hf_decoder allocates it), during the prefill the prompt's own
     cache, its activations (the residual stream, the MLP, one layer's attention scores) and at every
     step the float32 logits, their softmax and CDF."""
-    layers, kv_heads, head, hidden, mlp, vocab = model_shape(model)
+    _, kv_heads, _, hidden, mlp, vocab = model_shape(model)
     size = torch.finfo(dtype).bits // 8
     length = -(-(prompt + new) // 64) * 64
-    kv = 2 * layers * kv_heads * head * size  # per position
+    kv = kv_bytes(model, dtype)
     prefill = prompt * (kv + (4 * hidden + 3 * mlp) * size + 4 * kv_heads * prompt)
     return kv * length + prefill + 4 * 4 * vocab
 
-def fit_batches(cfg, net, tok, held):
+def fit_batches(cfg, model, tok, held):
     """cfg.eval_batch and cfg.rollout_batch in rows that fit in the device's free memory, before
-    anything is trained. 0 (the default) becomes the most that is asked (EVAL_CAP questions, all of a
-    step's rollouts), lowered with a note where fewer fit; a number that does not fit is an error that
-    says the largest that does. What training still allocates (the student's float32 gradient and
-    AdamW's two moments) is set aside first. Fewer rows a call change no rollout: each row's random
-    numbers are its own (caopd.sample)."""
-    model = parallel.inner(net).student
+    anything is trained or written. 0 (the default) becomes the most that is asked (EVAL_CAP
+    questions, all of a step's rollouts), lowered with a note where fewer fit; a number that does
+    not fit is an error that says the largest that does. What stage 1 still allocates is set aside
+    first: the teacher (a copy of the student) and the student's float32 gradient and AdamW's two
+    moments. Fewer rows a call change no rollout: each row's random numbers are its own
+    (caopd.sample). The prompts are sized by the held-out questions' longest."""
     free = free_memory(cfg.device)
     want = {"eval_batch": min(EVAL_CAP, -(-len(held) // WORLD)),
             "rollout_batch": cfg.prompts_per_step // WORLD * cfg.K}
@@ -208,15 +213,19 @@ def fit_batches(cfg, net, tok, held):
         for k, n in want.items():
             setattr(cfg, k, getattr(cfg, k) or n)
         return
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) // (WORLD if cfg.fsdp else 1)
-    budget = 0.9 * (free - 12 * trainable)
+    params = sum(p.numel() for p in model.parameters())
+    teacher = 2 if cfg.dtype == "bfloat16" and cfg.ema_rate == 0 else 4  # train_small.distiller's copy
+    reserved = (12 + teacher) * params // (WORLD if cfg.fsdp else 1)
+    if cfg.fsdp:  # sampling gathers the student's layers: its whole float32 weights on every process
+        reserved += 4 * params * (WORLD - 1) // WORLD
+    budget = 0.9 * (free - reserved)
     prompt = max(len(student_tokens(tok, ex, cfg.enable_thinking)) for ex in held)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     per_row = sampling_bytes(model, prompt, cfg.max_new_tokens, dtype)
     fits = int(budget // per_row)
-    gib = lambda b: f"{b / 2**30:.1f} GiB"
-    where = (f"{gib(per_row * 1.0)} per row (a prompt of up to {prompt} + {cfg.max_new_tokens} tokens), "
-             f"{gib(max(budget, 0))} of {cfg.device}'s memory free for it")
+    size = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    where = (f"{size(per_row)} per row for a prompt of up to {prompt} + {cfg.max_new_tokens} tokens, "
+             f"{size(max(budget, 0))} of {cfg.device}'s memory free for it")
     if fits < 1:
         die(f"a sampling call of one row does not fit: {where}; lower --max_new_tokens or use a larger device")
     for k, n in want.items():

@@ -1,4 +1,6 @@
 """Tests pinning down what readers of caopd.py get wrong. Run: python -m pytest -q test_caopd.py"""
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -9,6 +11,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
 import caopd
@@ -827,6 +830,8 @@ def _main(capsys, *args):
     ("--log_every=0", "--log_every=0"), ("--grad_clip=0", "--grad_clip=0.0"),
     ("--enable_thinking=maybe", "--enable_thinking='maybe': must be 'default', 'true' or 'false'"),
     ("--enable_thinking=True", "--enable_thinking='True': must be"),
+    ("--compile_decode=yes", "--compile_decode='yes': must be 'auto', 'true' or 'false'"),
+    ("--eval_batch=-1", "--eval_batch=-1: must be >= 0"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, arg, words):
     code, out, err = _main(capsys, arg, f"--out_dir={tmp_path / 'out'}")
@@ -1988,3 +1993,144 @@ def test_continual_phases_are_scored_on_the_default_held_out_questions_by_kind(t
 
 if __name__ == "__main__":  # torchrun test_caopd.py parallel_worker ...: the processes of the tests above
     globals()[sys.argv[1]](*sys.argv[2:])
+
+# -----------------------------------------------------------------------------
+# rollouts at the GPU's speed: a call's random numbers at once, the finish read every few tokens,
+# a static KV cache, the decode step captured (torch.compile), batches sized to memory
+
+def _sample_token_by_token(model, prompts, new, end_id, temperature, seed):
+    """The sampler as it was: the whole sequence again each step, one uniform per row drawn per token."""
+    g, seqs, out = torch.Generator().manual_seed(seed), [list(p) for p in prompts], [[] for _ in prompts]
+    for _ in range(new):
+        logits = model(torch.tensor(seqs))[:, -1] @ model.wte.weight.T
+        cdf = F.softmax(logits / temperature, -1).cumsum(-1)
+        u = torch.rand(len(prompts), 1, generator=g) * cdf[:, -1:]
+        nxt = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1).tolist()
+        for s, o, t in zip(seqs, out, nxt):
+            if not o or o[-1] != end_id:
+                o.append(t)
+            s.append(t)
+    return out
+
+def test_a_calls_uniforms_drawn_at_once_are_those_drawn_token_by_token():
+    model = _tiny_model()
+    prompts = [ENC.encode(arith.QUESTION.format(a=a, op="+", b=b) + "\n") for a, b in [(10, 20), (34, 55), (99, 12)] * 2]
+    want = _sample_token_by_token(model, prompts, 14, ENC.eot_token, 1.0, seed=3)
+    whole = caopd.sample(model, prompts, 14, ENC.eot_token, 1.0, generator=torch.Generator().manual_seed(3))
+    halves = [caopd.sample(model, prompts[a:a + 3], 14, ENC.eot_token, 1.0, generator=torch.Generator().manual_seed(3),
+                           rows=(a, 6)) for a in (0, 3)]
+    assert whole == want == halves[0] + halves[1]
+    assert len({tuple(c) for c in want}) == 6  # the rows' draws differ
+
+def test_the_finish_is_read_every_eight_tokens_not_every_token():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):  # values read back by the host: on a GPU each waits for the device
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+            return func(*args, **(kwargs or {}))
+    model, prompt = _tiny_model(), ENC.encode(EX["question"] + "\n")
+    with Reads():
+        out = caopd.sample(model, [prompt] * 3, 24, ENC.eot_token, 1.0, generator=torch.Generator().manual_seed(0))
+    assert all(len(c) == 24 for c in out)  # random weights: no row ends early, so 24 steps ran
+    assert Reads.n == 2  # after tokens 8 and 16; at the last token the loop ends without asking
+
+def test_our_gpts_captured_decode_step_equals_the_eager_one(capsys):
+    model = _tiny_model()
+    prompts = [ENC.encode(arith.QUESTION.format(a=a, op="*", b=b) + "\n") for a, b in [(12, 3), (45, 67), (8, 91)]]
+    eager, captured = (caopd._gpt_decoder(model, prompts, 12, True, compiled=c) for c in (False, True))
+    a, b, worst = eager(None), captured(None), 0.0
+    for _ in range(11):
+        nxt = a.argmax(-1)
+        a, b = eager(nxt), captured(nxt)
+        worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+    assert worst < 1e-5, worst  # float32 rounding
+    for temperature in (0.0, 1.0):
+        want = caopd.sample(model, prompts, 16, ENC.eot_token, temperature, generator=torch.Generator().manual_seed(1))
+        got = caopd.sample(model, prompts, 16, ENC.eot_token, temperature, generator=torch.Generator().manual_seed(1),
+                           compiled=True)
+        assert got == want
+    assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1  # once, not per call
+
+def _cache_of(decode):
+    return inspect.getclosurevars(decode).nonlocals["cache"]
+
+def test_hugging_face_static_cache_and_captured_step(tiny_hf, capsys):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [11, 12, 13], [14, 15, 16, 17]]  # left padding, a shared prompt
+    T, new = 6, 20
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                                   pad_token_id=0)[:, T:].tolist()
+    end = 1  # a token these rows never emit (checked): every row runs all 20 steps
+    assert all(end not in g for g in generated)
+    assert caopd.sample(model, prompts, new, end, temperature=0) == generated  # the static cache, eagerly
+    assert caopd.sample(model, prompts, new, end, temperature=0, compiled=True) == generated
+    sampled = [caopd.sample(model, prompts, new, end, 1.0, generator=torch.Generator().manual_seed(2), compiled=c)
+               for c in (False, True)]
+    assert sampled[0] == sampled[1] and sampled[0][1] != sampled[0][2]  # same uniforms; the shared prompt's rows differ
+    # the captured step's logits are the eager step's, and a full forward's, to float32 rounding
+    eager, captured = (caopd._hf_decoder(model, prompts, new, compiled=c) for c in (False, True))
+    a, b, worst = eager(None), captured(None), 0.0
+    for t in range(new - 1):
+        nxt = torch.tensor([g[t] for g in generated])
+        a, b = eager(nxt), captured(nxt)
+        worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+    with torch.no_grad():
+        full = model(torch.tensor([prompts[0] + generated[0][:new - 1]])).logits[0, -1]
+    torch.testing.assert_close(a[0], full, rtol=1e-5, atol=1e-5)
+    assert worst < 1e-5, worst
+    assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
+    # the cache: one allocation for the call (its length rounded up to 64), in the compute dtype, as
+    # common.kv_bytes counts it
+    for dtype, ctx in ((torch.float32, contextlib.nullcontext()), (torch.bfloat16, torch.autocast("cpu", torch.bfloat16))):
+        with ctx:
+            cache = _cache_of(caopd._hf_decoder(model, prompts, new))
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        assert {t.dtype for t in tensors} == {dtype} and {t.shape[2] for t in tensors} == {64}
+        assert sum(t.nbytes for t in tensors) == len(prompts) * 64 * common.kv_bytes(model, dtype)
+        assert common.sampling_bytes(model, T, new, dtype) > 64 * common.kv_bytes(model, dtype)
+
+def _free(monkeypatch, rows, per_row=2**20):
+    """common.free_memory that leaves room for `rows` rows of per_row bytes beyond the toy's stage 1
+    training state (see common.fit_batches)."""
+    import train_small
+    model = caopd.GPT(caopd.GPTConfig(vocab_size=ENC.n_vocab, block_size=train_small.block_size))
+    params = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(common, "sampling_bytes", lambda *a: per_row)
+    monkeypatch.setattr(common, "free_memory", lambda device: 16 * params + (rows + 0.5) * per_row / 0.9)
+
+def test_eval_and_rollout_batches_that_do_not_fit(tmp_path, capsys, monkeypatch):
+    import train_small
+    _free(monkeypatch, rows=7)
+    for arg in ("--eval_batch=500", "--rollout_batch=16"):
+        code, out, err = _main(capsys, "--smoke=True", arg, f"--out_dir={tmp_path / 'out'}")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{arg}: does not fit in memory (1.0 MiB per row for a prompt of up to 16 + 12 tokens, 7.5 MiB " \
+               f"of cpu's memory free for it): the largest that fits is 7" in err, err
+        assert not (tmp_path / "out").exists()  # before anything is trained or written
+    # the automatic values are lowered, said, and change no rollout (each row draws its own numbers)
+    train_small.main(["--smoke=True", f"--out_dir={tmp_path / 'low'}"])
+    out = capsys.readouterr().out
+    assert "note: eval_batch lowered to 7 rows a call" in out and "note: rollout_batch lowered to 7 rows" in out
+    monkeypatch.undo()
+    train_small.main(["--smoke=True", f"--out_dir={tmp_path / 'all'}"])
+    low, full = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("low", "all"))
+    assert (low["config"]["eval_batch"], low["config"]["rollout_batch"]) == (7, 7)
+    assert (full["config"]["eval_batch"], full["config"]["rollout_batch"]) == (16, 16)
+    assert low["models"] == full["models"]
+
+def test_the_loss_chunk_is_sized_for_the_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert caopd.loss_chunk(10_000, 151_936, cpu) == 55 and caopd.loss_chunk(20, 331, cpu) == 20  # 2^23 logits
+    # a GPU: as many rows as three float32 (rows, V) buffers fit in an eighth of the free memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 4 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
+    assert caopd.loss_chunk(100_000, 128_256, torch.device("cuda")) == (63 * 2**30 // 8) // (12 * 128_256) == 5_494
+    assert caopd.loss_chunk(4_096, 128_256, torch.device("cuda")) == 4_096

@@ -484,6 +484,7 @@ def main(argv):
         print(f"--enable_thinking={cfg.enable_thinking!r} ignored: {why}")
     held, sample_train, verify = common.load_task(cfg, tok, files, context)
     common.check_lengths(cfg, tok, held, context)
+    common.fit_batches(cfg, base, tok, held)  # eval_batch, rollout_batch: rows a call that fit in memory
     common.take_out_dir(cfg.out_dir)
     if ck:
         print(f"resuming {ck['stage']} at step {ck['step']} from {cfg.out_dir}/ckpt.pt")
@@ -530,7 +531,6 @@ def main(argv):
                  "step": cfg.base_steps if name == "base" else cfg.steps, "final": True, **results[name][0]})
 
     net = distiller(cfg, base)  # the student is the base; one model (and its teacher) in memory
-    common.fit_batches(cfg, net, tok, held)  # eval_batch, rollout_batch: rows a call that fit in memory
     evaluated("base")
     start = parallel.snapshot(base)  # every method starts from the base's weights, kept on the CPU
     model = base
