@@ -557,18 +557,22 @@ def bench_gpu(tiny=False):
                        for _ in range(questions) for _ in range(K)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cfg = ts.settings(init_from="bench", dtype="bfloat16", device=device)
-    with common.autocast(cfg):  # rollouts: every distinct prompt K times, the model's own KV cache
-        sync()
-        t0 = time.perf_counter()
-        completions = caopd.sample(model, prompts, new, end_id=config.vocab_size, temperature=1.0,
-                                   generator=torch.Generator().manual_seed(SEED))
-        sync()
-        rollout_s = time.perf_counter() - t0
-    n_tokens = sum(map(len, completions))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "questions": questions, "K": K,
-              "new_tokens": new, "prompt": prompt, "teacher_prompt": teacher_prompt,
-              "rollout_tok_s": n_tokens / rollout_s, "rollout_s": rollout_s, "steps": []}
-    print(f"  rollouts: {len(prompts)} x {new} tokens in {rollout_s:.1f} s = {result['rollout_tok_s']:.0f} tok/s", flush=True)
+              "new_tokens": new, "prompt": prompt, "teacher_prompt": teacher_prompt, "rollouts": {}, "steps": []}
+    for name, compiled in (("eager", False), ("captured", True)):  # rollouts: the paper's 64 rows x 1,024 tokens
+        for rep in range(2 if compiled else 1):  # the captured step's first call compiles
+            with common.autocast(cfg):
+                sync()
+                t0 = time.perf_counter()
+                completions = caopd.sample(model, prompts, new, end_id=config.vocab_size, temperature=1.0,
+                                           generator=torch.Generator(device).manual_seed(SEED), compiled=compiled)
+                sync()
+                seconds = time.perf_counter() - t0
+        n_tokens = sum(map(len, completions))
+        result["rollouts"][name] = {"tok_s": n_tokens / seconds, "s": seconds}
+        print(f"  rollouts, {name} decode step: {len(prompts)} x {new} tokens in {seconds:.1f} s = "
+              f"{n_tokens / seconds:.0f} tok/s", flush=True)
+    result["compile_s"] = caopd.COMPILE_SECONDS[:1]
     unfused = lambda hs, ws, ht, wt, w, tokens: caopd.linear_kl_reference(hs, ws, ht, wt, w)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for loss_name, estimator in (("fused", None), ("unfused", unfused)):
@@ -591,11 +595,202 @@ def bench_gpu(tiny=False):
             except torch.OutOfMemoryError:
                 row["step_s"], row["peak_gib"] = None, "OOM"
                 opt.zero_grad(set_to_none=True)
+            if row["step_s"]:  # the rollouts' share of a step (the captured ones)
+                rollout_s = result["rollouts"]["captured"]["s"]
+                row["rollout_share"] = rollout_s / (rollout_s + row["step_s"])
             result["steps"].append(row)
             print(f"  step, {loss_name} loss, micro_batch={mb}: "
                   + ("out of memory" if row["peak_gib"] == "OOM" else f"{row['step_s']:.1f} s, peak {row['peak_gib']} GiB"),
                   flush=True)
+    result["loss"] = bench_gpu_loss(device, (64, 32, 512) if tiny else (8192, 4096, 128256))
     return result
+
+def bench_gpu_loss(device, shape, reps=5):
+    """fused_linear_kl forward + backward at (N, d, V) under bfloat16 autocast, float32 weights (a
+    student's master weights and a frozen teacher's): median seconds of reps after a warm-up, peak
+    memory above the inputs'. Liger-Kernel publishes ~61 ms and ~11 GB for its chunked JSD at 8,192 x
+    4,096 x 128,256 on an H100 (with a 0.5 cross-entropy term this loss has not)."""
+    N, d, V = shape
+    g = torch.Generator(device).manual_seed(SEED)
+    hs = (torch.randn(N, d, generator=g, device=device) / d ** 0.5).bfloat16().requires_grad_()
+    ht = (torch.randn(N, d, generator=g, device=device) / d ** 0.5).bfloat16()
+    ws = torch.nn.Parameter(torch.randn(V, d, generator=g, device=device) * 2)
+    wt = (ws.detach() + 0.1 * torch.randn(V, d, generator=g, device=device)).bfloat16()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times, base = [], 0
+    for rep in range(reps + 1):
+        hs.grad = ws.grad = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(torch.device(device).type, torch.bfloat16):
+            loss = caopd.fused_linear_kl(hs, ws, ht, wt)
+        loss.backward()
+        sync()
+        if rep:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else None
+    r = {"shape": shape, "ms": 1000 * statistics.median(times), "peak_above_inputs_gib": peak,
+         "chunk": caopd.loss_chunk(N, V, torch.device(device))}
+    print(f"  fused loss at N={N}, d={d}, V={V} (bfloat16 autocast, chunk {r['chunk']} rows): {r['ms']:.0f} ms, "
+          f"peak {peak if peak is None else round(peak, 1)} GiB above the inputs", flush=True)
+    return r
+
+# -----------------------------------------------------------------------------
+# the decode step: operations and host reads per token, tokens/s against generate, compile time
+
+def llama(width, layers, vocab=32000):
+    """A randomly initialised Llama (transformers' reference decoder), built from a config: width 64
+    (4 heads of 16, 2 key/value heads) or 1024 (Qwen3-0.6B's: 16 heads of 64, 8 key/value heads)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    heads = 4 if width < 1024 else 16
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=width // heads,
+                         max_position_embeddings=1024, tie_word_embeddings=True)
+    torch.manual_seed(SEED)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+def decode_prompts(vocab, rows=64, K=8):
+    """rows // K distinct prompts of 48 to 80 tokens, K rows each (training's shape)."""
+    g = torch.Generator().manual_seed(SEED)
+    distinct = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(48, 81, (rows // K,), generator=g)]
+    return [p for p in distinct for _ in range(K)]
+
+def count_per_step(module, model, prompts, compiled=False):
+    """Per decode step, counted by a dispatch mode over two calls of 16 and 32 new tokens (their
+    difference / 16: the prefill cancels): aten operations, those that are not views, values read back
+    by the host (each a wait for the device on a GPU), random draws. Greedy, then sampled (the
+    draws)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = {"ops": 0, "not_views": 0, "host_reads": 0, "random_draws": 0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n["ops"] += 1
+            self.n["not_views"] += not func.is_view
+            self.n["host_reads"] += func in reads
+            self.n["random_draws"] += func.__name__.startswith(("rand", "uniform", "normal"))
+            return func(*args, **(kwargs or {}))
+
+    kw = {"compiled": True} if compiled else {}
+    out = {}
+    for temperature in (0.0, 1.0):
+        counts = []
+        for new in (16, 32):
+            with Count() as c:
+                module.sample(model, prompts, new, end_id=model.config.vocab_size, temperature=temperature,
+                              generator=torch.Generator().manual_seed(SEED), **kw)
+            counts.append(c.n)
+        out["greedy" if temperature == 0 else "sampled"] = {k: (counts[1][k] - counts[0][k]) / 16 for k in counts[0]}
+    return out
+
+def in_compiled(event):
+    """Whether a profiler event ran inside a torch.compile'd region (its caller, or theirs, is one)."""
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        if event.name.startswith("Torch-Compiled Region"):
+            return True
+    return False
+
+def compiled_launches_per_step(model, prompts):
+    """The captured step's own work per token, warm: the library calls it makes (aten operations the
+    profiler records, less its buffer allocations) and the kernels inductor generated for it."""
+    from torch._inductor import metrics
+    from torch.profiler import ProfilerActivity, profile
+    metrics.reset()
+    caopd.COMPILED.clear()
+    caopd.sample(model, prompts, 4, end_id=model.config.vocab_size, temperature=0, compiled=True)
+    kernels = metrics.generated_kernel_count
+    counts = []
+    for new in (16, 32):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            caopd.sample(model, prompts, new, end_id=model.config.vocab_size, temperature=0, compiled=True)
+        counts.append(sum(e.name.startswith("aten::") and not e.name.startswith("aten::empty") and in_compiled(e)
+                          for e in prof.events()))
+    return {"library_calls": (counts[1] - counts[0]) / 16, "generated_kernels": kernels}
+
+def bench_decode(before=None, reps=3):
+    """caopd.sample's decode step at 64 rows (8 prompts x K = 8, 48 to 80 tokens, left-padded) x 64
+    new tokens, greedy, one thread, on Llamas of Qwen3-0.6B's depth at width 64 (each operation
+    costs its overhead, as on a GPU) and of its width at 8 layers (the arithmetic counts): operations
+    and host reads per step (the caopd.py in `before` too, when given: the code before this change),
+    tokens/s of caopd.sample eager and captured against generate, interleaved, median of reps after a
+    warm-up, and the compile time. A random model never stops early: every row takes all 64 tokens."""
+    import importlib.util
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    old = None
+    if before:
+        spec = importlib.util.spec_from_file_location("caopd_before", os.path.join(before, "caopd.py"))
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+    results = []
+    for width, layers in ((64, 28), (1024, 8)):
+        model, new = llama(width, layers), 64
+        prompts = decode_prompts(model.config.vocab_size)
+        r = {"width": width, "layers": layers, "vocab": model.config.vocab_size, "rows": len(prompts), "new": new}
+        if width == 64:
+            r["per_step"] = {"eager": count_per_step(caopd, model, prompts)}
+            if old is not None:
+                r["per_step"]["before"] = count_per_step(old, model, prompts)
+        caopd.COMPILED.clear()
+        caopd.COMPILE_SECONDS.clear()
+        T = max(map(len, prompts))
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+        end, outs = model.config.vocab_size, {}
+        runs = {"eager": lambda: caopd.sample(model, prompts, new, end, temperature=0),
+                "captured": lambda: caopd.sample(model, prompts, new, end, temperature=0, compiled=True),
+                "generate": lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                                                   min_new_tokens=new, pad_token_id=0)[:, T:].tolist()}
+        if old is not None:
+            runs["before"] = lambda: old.sample(model, prompts, new, end, temperature=0)
+        times = {k: [] for k in runs}
+        for rep in range(reps + 1):  # rep 0 warms up (and compiles)
+            for name, f in runs.items():
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    outs[name] = f()
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+        r["compile_s"] = caopd.COMPILE_SECONDS[0]
+        tokens = len(prompts) * new
+        r["tok_s"] = {k: tokens / statistics.median(v) for k, v in times.items()}
+        r["times_s"] = times
+        ref = outs["generate"]
+        r["changed_per_1000"] = {k: 1000 * sum(a != b for x, y in zip(o, ref) for a, b in zip(x, y)) / tokens
+                                 for k, o in outs.items() if k != "generate"}
+        if width == 64:
+            r["per_step"]["captured"] = compiled_launches_per_step(model, prompts)
+        results.append(r)
+        line = ", ".join(f"{k} {v:.0f}" for k, v in r["tok_s"].items())
+        print(f"  Llama {width} x {layers} layers, {len(prompts)} rows x {new} tokens: tok/s {line}; compile "
+              f"{r['compile_s']:.0f} s; greedy tokens changed per 1,000 against generate {r['changed_per_1000']}",
+              flush=True)
+        if "per_step" in r:
+            print(f"    per decode step: {json.dumps(r['per_step'])}", flush=True)
+    return results
+
+def markdown_decode(results):
+    lines = ["| model (width x layers) | before | eager | captured | generate | captured / generate | compile |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        t = r["tok_s"]
+        lines.append(f"| {r['width']} x {r['layers']} | {t['before']:.0f} | {t['eager']:.0f} | {t['captured']:.0f} | "
+                     f"{t['generate']:.0f} | {t['captured'] / t['generate']:.2f}x | {r['compile_s']:.0f} s |"
+                     if "before" in t else
+                     f"| {r['width']} x {r['layers']} | | {t['eager']:.0f} | {t['captured']:.0f} | {t['generate']:.0f} | "
+                     f"{t['captured'] / t['generate']:.2f}x | {r['compile_s']:.0f} s |")
+    return "\n".join(lines)
 
 GPUS = {24: "RTX 4090", 80: "A100, H100", 139: "H200"}  # memory as the device reports it
 
@@ -885,6 +1080,14 @@ def markdown_real(real, fits):
     return "\n".join(L)
 
 def main(args):
+    if args.decode:
+        print("decode step: 64 rows x 64 new tokens, greedy, 1 thread", flush=True)
+        results = bench_decode(args.before, args.reps)
+        print()
+        print(markdown_decode(results))
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine_info(), "decode": results}, f, indent=1)
+        return print(f"wrote {args.out}")
     if args.precision or args.memory or args.real or args.gpu or args.fsdp or args.first_run:
         return main_real_models(args)
     t0 = time.time()
@@ -930,6 +1133,9 @@ if __name__ == "__main__":
                    "width 1024 x 8 layers under FSDP2 against DDP, and after loading: ~3 minutes")
     p.add_argument("--first_run", action="store_true", help="the default train_small.py run one method after the "
                    "other against side by side, --reps times each, alternated: ~10 minutes a pair on 2 cores")
+    p.add_argument("--decode", action="store_true", help="the decode step: operations and host reads per token, "
+                   "tokens/s of caopd.sample eager and captured against generate, compile time: ~10 minutes")
+    p.add_argument("--before", help="with --decode: a folder holding another caopd.py to measure beside this one")
     p.add_argument("--tiny", action="store_true", help="with --gpu: a tiny model on any device (checks the script)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for --real")
     p.add_argument("--out", default=os.path.join(HERE, "bench.json"))

@@ -177,27 +177,27 @@ def compute_dtype(device):
 # arithmetic for a 0.6B model. So the host, not the GPU, sets the pace, unless the step is captured:
 # compiled once (torch.compile) over shapes that never change, a KV cache allocated for the whole
 # call and a position that is a tensor, and on a GPU replayed as one CUDA graph per token.
-COMPILED, COMPILE_SECONDS = {}, {}  # step function -> its compiled version, its first call's seconds
+COMPILED, COMPILE_SECONDS = {}, []  # step function -> its compiled version; each compile's seconds
 
 def _step(fn, compiled):
-    """fn, or fn under torch.compile (made once per process; compiled on its first call, timed and
-    said then)."""
+    """fn, or fn under torch.compile (one per process, for every model and shape). A call that
+    compiles (the first, and one per new shape: a model, a batch, a cache length) is timed and said."""
     if not compiled:
         return fn
+    from torch._dynamo.utils import counters
     on_gpu = torch.cuda.is_available()
     if fn not in COMPILED:
         COMPILED[fn] = torch.compile(fn, mode="reduce-overhead" if on_gpu else None, fullgraph=True)
     f = COMPILED[fn]
 
     def step(*args):
-        if fn in COMPILE_SECONDS:
-            return f(*args)
-        t0 = time.perf_counter()
+        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
         out = f(*args)
-        COMPILE_SECONDS[fn] = time.perf_counter() - t0
-        print(f"compiled the rollouts' decode step in {COMPILE_SECONDS[fn]:.0f}s ("
-              f"{'CUDA graphs' if on_gpu else 'no CUDA graphs on a CPU'}; --compile_decode=false runs it "
-              f"eagerly)", flush=True)
+        if counters["stats"]["unique_graphs"] != graphs:
+            COMPILE_SECONDS.append(time.perf_counter() - t0)
+            print(f"compiled the rollouts' decode step in {COMPILE_SECONDS[-1]:.0f}s ("
+                  f"{'CUDA graphs' if on_gpu else 'no CUDA graphs on a CPU'}; --compile_decode=false runs it "
+                  f"eagerly)", flush=True)
         return out
     return step
 

@@ -214,7 +214,7 @@ def fit_batches(cfg, model, tok, held):
             setattr(cfg, k, getattr(cfg, k) or n)
         return
     params = sum(p.numel() for p in model.parameters())
-    teacher = 2 if cfg.dtype == "bfloat16" and cfg.ema_rate == 0 else 4  # train_small.distiller's copy
+    teacher = 2 if cfg.dtype == "bfloat16" and cfg.ema_rate == 0 and not cfg.fsdp else 4  # distiller()'s copy
     reserved = (12 + teacher) * params // (WORLD if cfg.fsdp else 1)
     if cfg.fsdp:  # sampling gathers the student's layers: its whole float32 weights on every process
         reserved += 4 * params * (WORLD - 1) // WORLD

@@ -210,6 +210,13 @@ def reset_teacher(net):
     for t, s in zip(d.teacher.parameters(), d.student.parameters()):
         t.copy_(s)
 
+def compiled(cfg):
+    """Whether sampling runs the captured decode step (caopd.sample): --compile_decode; "auto" where
+    the host would set the pace, a GPU (not under FSDP2, whose hooks a captured step cannot hold)."""
+    if cfg.compile_decode == "auto":
+        return "cuda" in common.resolve_device(cfg.device) and not cfg.fsdp
+    return cfg.compile_decode == "true"
+
 def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
     """Steps 1-3 of a distillation step for this process's questions exs: K rollouts each, their
     verdicts and P_acc, then the training completions and the teacher's prompts.
@@ -224,10 +231,10 @@ def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
     rollouts, mb, sample = [], cfg.rollout_batch or len(prompts), parallel.inner(net).sample
     with parallel.gathered(net):
         for a in range(0, len(prompts), mb):
-            gen = torch.Generator(cfg.device).manual_seed(cfg.seed * 1_000_003 + step)
+            gen = torch.Generator(common.resolve_device(cfg.device)).manual_seed(cfg.seed * 1_000_003 + step)
             with common.autocast(cfg):
                 rollouts += sample(prompts[a:a + mb], cfg.max_new_tokens, end, cfg.temperature, cfg.top_k,
-                                   gen, rows=(rows[0] + a, rows[1]), compiled=cfg.compile_decode == "true")
+                                   gen, rows=(rows[0] + a, rows[1]), compiled=compiled(cfg))
     texts = [decode(tok, r) for r in rollouts]
     # 2. verify them
     correct = [verify(exs[i // K], t) for i, t in enumerate(texts)]
@@ -383,7 +390,7 @@ def evaluate(cfg, net, tok, name, held, verify):
             prompts = [student_tokens(tok, ex, cfg.enable_thinking) for ex in mine[i:i + rows]]
             with common.autocast(cfg):
                 completions = parallel.inner(net).sample(prompts, cfg.max_new_tokens, common.end_id(tok),
-                                                         temperature=0, compiled=cfg.compile_decode == "true")
+                                                         temperature=0, compiled=compiled(cfg))
             texts += [decode(tok, r) for r in completions]
     texts = parallel.gather(texts)  # rank order is the questions' order
     if RANK != 0:
@@ -467,8 +474,6 @@ def main(argv):
     common.check_not_locked(cfg.out_dir)
     cfg.device = parallel.init(common.resolve_device(cfg.device))  # torchrun: each process its GPU
     cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
-    if cfg.compile_decode == "auto":  # captured where the host would set the pace: a GPU
-        cfg.compile_decode = "true" if "cuda" in cfg.device and not cfg.fsdp else "false"
     torch.set_num_threads(cfg.threads)
     if cfg.workers == 0:  # side by side where it pays: the toy's two methods on a CPU with a core for each
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -509,7 +514,7 @@ def main(argv):
         print(f"smoke run: every stage shrunk to seconds ({shrunk}); it checks the machinery, its numbers "
               f"mean nothing")
     print(f"device {cfg.device}, {cfg.dtype} compute, {WORLD} process(es), {cfg.threads} thread(s), "
-          f"decode step {'compiled' if cfg.compile_decode == 'true' else 'eager'}, "
+          f"decode step {'compiled' if compiled(cfg) else 'eager'}, "
           f"vocabulary {caopd.output_weight(base).shape[0]} tokens, {len(held)} held-out questions, model "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters")
     t_start, seconds, skipped = time.time(), {}, {}
