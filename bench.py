@@ -778,7 +778,28 @@ def bench_decode(before=None, reps=3):
               flush=True)
         if "per_step" in r:
             print(f"    per decode step: {json.dumps(r['per_step'])}", flush=True)
+    for rows, new in ((64, 256), (256, 64)):  # what a sampling call holds, against fit_batches' bound
+        m = run_worker(worker="sample_memory", N=rows, V=new)
+        results[-1].setdefault("memory", []).append(m)
+        print(f"  one call of {rows} rows x {new} new tokens (width 1024 x 8 layers, float32): peak "
+              f"{m['measured_mib']:.0f} MiB above the model, common.sampling_bytes bounds it at {m['bound_mib']:.0f} "
+              f"MiB", flush=True)
     return results
+
+def sampling_memory_worker(args):
+    """--worker=sample_memory: the peak resident memory one caopd.sample call adds (--N rows x --V new
+    tokens, the Llama of width 1024 x 8 layers, greedy, float32) against common.sampling_bytes's bound
+    for it, printed as a JSON line."""
+    import common
+    torch.set_num_threads(1)
+    model = llama(1024, 8)
+    prompts = decode_prompts(model.config.vocab_size, rows=args.N)
+    before = rss_bytes()
+    caopd.sample(model, prompts, args.V, end_id=model.config.vocab_size, temperature=1.0,
+                 generator=torch.Generator().manual_seed(SEED))
+    bound = args.N * common.sampling_bytes(model, max(map(len, prompts)), args.V, torch.float32)
+    print(json.dumps({"rows": args.N, "new": args.V, "measured_mib": (peak_rss_bytes() - before) / 2**20,
+                      "bound_mib": bound / 2**20}))
 
 def markdown_decode(results):
     lines = ["| model (width x layers) | before | eager | captured | generate | captured / generate | compile |",
@@ -1140,7 +1161,7 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=2, help="CPU threads for --real")
     p.add_argument("--out", default=os.path.join(HERE, "bench.json"))
     # internal: the subprocess workers
-    p.add_argument("--worker", choices=["fused", "unfused", "ref", "load"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["fused", "unfused", "ref", "load", "sample_memory"], help=argparse.SUPPRESS)
     p.add_argument("--N", type=int, help=argparse.SUPPRESS)
     p.add_argument("--d", type=int, help=argparse.SUPPRESS)
     p.add_argument("--V", type=int, help=argparse.SUPPRESS)
@@ -1152,6 +1173,8 @@ if __name__ == "__main__":
         reference_worker(args)
     elif args.worker == "load":
         load_worker(args.save, args.compare)
+    elif args.worker == "sample_memory":
+        sampling_memory_worker(args)
     elif args.worker:
         loss_worker(args)
     else:
