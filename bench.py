@@ -29,6 +29,7 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
     python bench.py --real          # Qwen3-0.6B's shapes on the CPU, and what fits on a GPU: ~25 minutes
     python bench.py --gpu           # on a CUDA GPU: the paper's settings at Qwen3-0.6B's shapes
     python bench.py --fsdp          # 2 processes (gloo): peak memory per process, FSDP2 against DDP: ~3 minutes
+    python bench.py --decode        # the decode step: operations and host reads per token, tok/s vs generate: ~12 min
     python bench.py --first_run     # the default run one method after the other against side by side: ~30 minutes
 
 Timings on a shared machine are noisy: compare the ratios, which are measured side by side.
