@@ -27,6 +27,7 @@ import inspect
 import math
 import re
 import time
+import weakref
 from dataclasses import dataclass
 
 import tiktoken
@@ -202,6 +203,19 @@ def _step(fn, compiled):
         return out
     return step
 
+# A CUDA graph reads its inputs where it was recorded: a captured step given a new KV cache at every
+# call would be recorded again each time (and after enough times not replayed at all). So the
+# captured step keeps its cache (one per model, the last shape) and each call writes its prompts
+# into it, as transformers' generate keeps its static cache.
+KEPT = weakref.WeakKeyDictionary()  # model -> (shape, its KV cache)
+
+def _kept_cache(model, shape, make):
+    """The KV cache kept for model if it has this shape, else a new one from make(), kept instead."""
+    if model not in KEPT or KEPT[model][0] != shape:
+        KEPT.pop(model, None)  # the old one's memory first
+        KEPT[model] = (shape, make())
+    return KEPT[model][1]
+
 def _gpt_step(model, cache, nxt, pos):
     """The captured step of our GPT: token nxt (B,) at position pos (a 1-element tensor) -> logits."""
     return model(nxt[:, None], cache, pos)[:, -1] @ model.wte.weight.T
@@ -214,10 +228,16 @@ def _gpt_decoder(model, prompts, max_new_tokens, use_cache, compiled=False):
     Tp = t = idx.shape[1]  # t: the position of the next token
     if use_cache:
         h0, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
-    if compiled:  # the cache's tensors stay where they are: a CUDA graph reads them in place
-        for k, v in cache:
-            torch._dynamo.mark_static_address(k), torch._dynamo.mark_static_address(v)
-        step, pos = _step(_gpt_step, compiled), torch.tensor([Tp - 1], device=idx.device)
+    if compiled:  # the kept cache: its tensors stay where they are, a CUDA graph reads them in place
+        def make():
+            kept = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cache]
+            for k, v in kept:
+                torch._dynamo.mark_static_address(k), torch._dynamo.mark_static_address(v)
+            return kept
+        kept = _kept_cache(model, (cache[0][0].shape, cache[0][0].dtype), make)
+        for (K, V), (k, v) in zip(kept, cache):
+            K.copy_(k), V.copy_(v)  # the prompts, and zeros after them
+        cache, step, pos = kept, _step(_gpt_step, compiled), torch.tensor([Tp - 1], device=idx.device)
 
     def decode(nxt):
         nonlocal idx, t
@@ -730,18 +750,24 @@ def _hf_decoder(model, prompts, max_new_tokens, compiled=False):
     W = output_weight(model)
     h0, dynamic, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
     (B, T), L = mask.shape, -(-(mask.shape[1] + max_new_tokens) // 64) * 64
-    cache, dtype = StaticCache(config=model.config, max_cache_len=L), dynamic.layers[0].values.dtype
-    heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
-    cache.early_initialization(B, list(heads), list(dims), dtype, W.device)
+    dtype = dynamic.layers[0].values.dtype
+
+    def make():
+        cache = StaticCache(config=model.config, max_cache_len=L)
+        heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
+        cache.early_initialization(B, list(heads), list(dims), dtype, W.device)
+        # keys and values in the compute dtype: under autocast Qwen3's keys leave its (float32) norm
+        # and rotary embedding in float32 beside bfloat16 values, and attention would cast the whole
+        # key cache at every step
+        update = cache.update
+        cache.update = lambda k, v, *args, **kwargs: update(k.to(dtype), v.to(dtype), *args, **kwargs)
+        return cache
+    # positions after this call's are never read: causality hides them (a kept cache's old values)
+    cache = _kept_cache(model, (B, L, dtype), make) if compiled else make()
     for s, d in zip(cache.layers, dynamic.layers):
         s.keys[:, :, :T], s.values[:, :, :T] = d.keys, d.values
         s.cumulative_length.fill_(T)
     del dynamic
-    # keys and values in the compute dtype: under autocast Qwen3's keys leave its (float32) norm and
-    # rotary embedding in float32 beside bfloat16 values, and attention would cast the whole key
-    # cache at every step
-    update = cache.update
-    cache.update = lambda k, v, *args, **kwargs: update(k.to(dtype), v.to(dtype), *args, **kwargs)
     # the positions after the prompt are all visible: causality hides those not yet written
     mask = torch.cat([mask, mask.new_ones(B, L - T)], 1)
     step = _step(_hf_step, compiled)

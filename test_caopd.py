@@ -2088,6 +2088,15 @@ def test_hugging_face_static_cache_and_captured_step(tiny_hf, capsys):
     assert all(end not in g for g in generated)
     assert caopd.sample(model, prompts, new, end, temperature=0) == generated  # the static cache, eagerly
     assert caopd.sample(model, prompts, new, end, temperature=0, compiled=True) == generated
+    # the captured step keeps its cache (a CUDA graph reads it in place): other prompts of the same shape
+    # write theirs into it, and what the last call left after them is never read
+    kept = caopd.KEPT[model][1]
+    other = [[p + 20 for p in prompt] for prompt in prompts]
+    ids2 = torch.tensor([[0] * (T - len(p)) + p for p in other])
+    want = model.generate(ids2, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                          pad_token_id=0)[:, T:].tolist()
+    assert caopd.sample(model, other, new, end, temperature=0, compiled=True) == want != generated
+    assert caopd.KEPT[model][1] is kept
     sampled = [caopd.sample(model, prompts, new, end, 1.0, generator=torch.Generator().manual_seed(2), compiled=c)
                for c in (False, True)]
     assert sampled[0] == sampled[1] and sampled[0][1] != sampled[0][2]  # same uniforms; the shared prompt's rows differ
