@@ -19,10 +19,12 @@ changes one thing, the confidence target:
 Without step 3 this file is plain OPD: distillation_targets() is the whole difference, and the
 comment above it says why it works. The file reads top to bottom in the method's order:
 tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence -> teacher
-context -> the change -> loss -> metrics; then the adapters for Hugging Face models.
+context -> the change -> loss -> metrics; then the adapters for Hugging Face models and the
+captured decode step (speed on a GPU).
 train_small.py runs it; the verifiers of the paper's two tasks sit beside their data
 (data/tasks.py); several processes (DDP, FSDP2) are in parallel.py.
 """
+import functools
 import inspect
 import math
 import re
@@ -139,8 +141,7 @@ class GPT(nn.Module):
         c = self.cfg
         shape = (batch, c.n_head, length, c.n_embd // c.n_head)
         w = self.wte.weight
-        # zeros: the captured step attends to the whole cache, its unwritten part masked (0 x NaN is NaN)
-        return [(w.new_zeros(shape, dtype=dtype), w.new_zeros(shape, dtype=dtype)) for _ in range(c.n_layer)]
+        return [(w.new_empty(shape, dtype=dtype), w.new_empty(shape, dtype=dtype)) for _ in range(c.n_layer)]
 
 # -----------------------------------------------------------------------------
 # Rollouts: K completions per prompt, all prompts of a step in one batched call
@@ -173,53 +174,6 @@ def compute_dtype(device):
     """The dtype activations are computed in on `device`: autocast's, else None (the weights')."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
-# A decode step is one token per row through every layer: ~1,400 small operations (not counting
-# views) for a Llama of 28 layers, each a kernel launch of a few microseconds on a GPU, against a few
-# milliseconds of arithmetic for a 0.6B model. So the host, not the GPU, sets the pace, unless the
-# step is captured: compiled once (torch.compile) over shapes that never change, a KV cache
-# allocated for the whole call and a position that is a tensor, and on a GPU replayed as one CUDA
-# graph per token. sample() itself reads nothing back per token and draws its random numbers once.
-COMPILED, COMPILE_SECONDS = {}, []  # step function -> its compiled version; each compile's seconds
-
-def _step(fn, compiled):
-    """fn, or fn under torch.compile (one per process, for every model and shape). A call that
-    compiles (the first, and one per new shape: a model, a batch, a cache length) is timed and said."""
-    if not compiled:
-        return fn
-    from torch._dynamo.utils import counters
-    on_gpu = torch.cuda.is_available()
-    if fn not in COMPILED:
-        COMPILED[fn] = torch.compile(fn, mode="reduce-overhead" if on_gpu else None, fullgraph=True)
-    f = COMPILED[fn]
-
-    def step(*args):
-        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-        out = f(*args)
-        if counters["stats"]["unique_graphs"] != graphs:
-            COMPILE_SECONDS.append(time.perf_counter() - t0)
-            print(f"compiled the rollouts' decode step in {COMPILE_SECONDS[-1]:.0f}s ("
-                  f"{'CUDA graphs' if on_gpu else 'no CUDA graphs on a CPU'}; --compile_decode=false runs it "
-                  f"eagerly)", flush=True)
-        return out
-    return step
-
-# A CUDA graph reads its inputs where it was recorded: a captured step given a new KV cache at every
-# call would be recorded again each time (and after enough times not replayed at all). So the
-# captured step keeps its cache (one per model, the last shape) and each call writes its prompts
-# into it, as transformers' generate keeps its static cache.
-KEPT = weakref.WeakKeyDictionary()  # model -> (shape, its KV cache)
-
-def _kept_cache(model, shape, make):
-    """The KV cache kept for model if it has this shape, else a new one from make(), kept instead."""
-    if model not in KEPT or KEPT[model][0] != shape:
-        KEPT.pop(model, None)  # the old one's memory first
-        KEPT[model] = (shape, make())
-    return KEPT[model][1]
-
-def _gpt_step(model, cache, nxt, pos):
-    """The captured step of our GPT: token nxt (B,) at position pos (a 1-element tensor) -> logits."""
-    return model(nxt[:, None], cache, pos)[:, -1] @ model.wte.weight.T
-
 def _gpt_decoder(model, prompts, max_new_tokens, use_cache, compiled=False):
     """Logits of the next token, step by step: decode(None) for the first, decode(tokens (B,)) after."""
     assert len({len(p) for p in prompts}) == 1, \
@@ -228,16 +182,9 @@ def _gpt_decoder(model, prompts, max_new_tokens, use_cache, compiled=False):
     Tp = t = idx.shape[1]  # t: the position of the next token
     if use_cache:
         h0, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
-    if compiled:  # the kept cache: its tensors stay where they are, a CUDA graph reads them in place
-        def make():
-            kept = [(torch.empty_like(k), torch.empty_like(v)) for k, v in cache]
-            for k, v in kept:
-                torch._dynamo.mark_static_address(k), torch._dynamo.mark_static_address(v)
-            return kept
-        kept = _kept_cache(model, (cache[0][0].shape, cache[0][0].dtype), make)
-        for (K, V), (k, v) in zip(kept, cache):
-            K.copy_(k), V.copy_(v)  # the prompts, and zeros after them
-        cache, step, pos = kept, _step(_gpt_step, compiled), torch.tensor([Tp - 1], device=idx.device)
+    if compiled:  # the captured step (at the end of this file) over the cache it keeps
+        cache, step = _captured_gpt(model, cache, Tp), _step(_gpt_step, True)
+        pos = torch.tensor([Tp - 1], device=idx.device)
 
     def decode(nxt):
         nonlocal idx, t
@@ -265,7 +212,7 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
     rows = (first, total): these prompts are rows first .. first + B - 1 of a batch of `total`
     split across data-parallel processes. The call draws one uniform per row of the whole batch and
     token from `generator` at once, on its device, and keeps its rows': a row's sample never
-    depends on how the batch was split. compiled: the captured decode step (see above).
+    depends on how the batch was split. compiled: the captured decode step (the last section).
     use_cache=False (our GPT) re-runs the full forward every step: to test and benchmark the cache."""
     B = len(prompts)
     first, total = rows or (0, B)
@@ -592,9 +539,13 @@ def loss_chunk(n, vocab, device):
     float32 (rows, V) buffers fit in an eighth of the free memory."""
     if device.type != "cuda":
         return max(1, min(n, (1 << 23) // vocab))
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+    return max(1, min(n, cuda_free(device) // 8 // (3 * 4 * vocab)))
+
+def cuda_free(device):
+    """Bytes this process can still allocate on a CUDA device: the driver's free memory plus what
+    torch's allocator holds unused."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
         torch.cuda.memory_allocated(device)
-    return max(1, min(n, free // 8 // (3 * 4 * vocab)))
 
 # addmm writing float32 from bfloat16 operands: CUDA has the kernel, the CPU does not
 _ADDMM_F32 = {t: torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", t.upper())
@@ -710,7 +661,11 @@ def calibration_metrics(correct, confidence):
 
 def _hf_cache_name(model):
     # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_argument(type(model))
+
+@functools.cache  # read once per model class: the decode step asks at every token
+def _cache_argument(cls):
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 def _hf_prefill(model, prompts):
     """prefill() for a Hugging Face model: each distinct prompt once, left-padded (the mask hides
@@ -732,6 +687,11 @@ def _hf_prefill(model, prompts):
     h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
     return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
 
+def cache_length(prompt, new):
+    """The static cache's length for prompts of up to `prompt` tokens and `new` new ones: rounded up
+    to 64, so calls of nearby prompt lengths share one compiled step."""
+    return -(-(prompt + new) // 64) * 64
+
 def _hf_step(model, cache, mask, nxt, pos):
     """One token per row through a Hugging Face model over its static cache -> logits (B, V): the
     decode step, run eagerly or captured. The logits are F.linear(h, output_weight()), as the model's
@@ -744,12 +704,11 @@ def _hf_step(model, cache, mask, nxt, pos):
 def _hf_decoder(model, prompts, max_new_tokens, compiled=False):
     """The same for a Hugging Face causal LM: the prompts through _hf_prefill (each distinct one once,
     left-padded), copied into a static cache (transformers.StaticCache: allocated once for the whole
-    call, in the compute dtype), then one token per row per step. Its length is rounded up to 64
-    tokens, so calls of nearby prompt lengths share one compiled step."""
+    call, in the compute dtype; cache_length), then one token per row per step."""
     from transformers import StaticCache
     W = output_weight(model)
     h0, dynamic, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
-    (B, T), L = mask.shape, -(-(mask.shape[1] + max_new_tokens) // 64) * 64
+    (B, T), L = mask.shape, cache_length(mask.shape[1], max_new_tokens)
     dtype = dynamic.layers[0].values.dtype
 
     def make():
@@ -808,3 +767,67 @@ def whole_sequences_hidden(model, prompts, completions):
     start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the state that predicts token 0
     pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
     return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]
+
+# -----------------------------------------------------------------------------
+# The captured decode step (--compile_decode): speed on a GPU; nothing the method needs
+
+# A decode step is one token per row through every layer: ~1,400 small operations (not counting
+# views) for a Llama of 28 layers, each a kernel launch of a few microseconds on a GPU, against a few
+# milliseconds of arithmetic for a 0.6B model. So the host, not the GPU, sets the pace, unless the
+# step is captured: compiled once (torch.compile) over shapes that never change, a KV cache
+# allocated for the whole call and a position that is a tensor, and on a GPU replayed as one CUDA
+# graph per token. sample() itself reads nothing back per token and draws its random numbers once.
+COMPILED, COMPILE_SECONDS = {}, []  # step function -> its compiled version; each compile's seconds
+
+def _step(fn, compiled):
+    """fn, or fn under torch.compile (one per process, for every model and shape). A call that
+    compiles (the first, and one per new shape: a model, a batch, a cache length) is timed and said."""
+    if not compiled:
+        return fn
+    from torch._dynamo.utils import counters
+    on_gpu = torch.cuda.is_available()
+    if fn not in COMPILED:
+        COMPILED[fn] = torch.compile(fn, mode="reduce-overhead" if on_gpu else None, fullgraph=True)
+    f = COMPILED[fn]
+
+    def step(*args):
+        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+        out = f(*args)
+        if counters["stats"]["unique_graphs"] != graphs:
+            COMPILE_SECONDS.append(time.perf_counter() - t0)
+            print(f"compiled the rollouts' decode step in {COMPILE_SECONDS[-1]:.0f}s ("
+                  f"{'CUDA graphs' if on_gpu else 'no CUDA graphs on a CPU'}; --compile_decode=false runs it "
+                  f"eagerly)", flush=True)
+        return out
+    return step
+
+# A CUDA graph reads its inputs where it was recorded: a captured step given a new KV cache at every
+# call would be recorded again each time (and after enough times not replayed at all). So the
+# captured step keeps its cache (one per model, the last shape) and each call writes its prompts
+# into it, as transformers' generate keeps its static cache.
+KEPT = weakref.WeakKeyDictionary()  # model -> (shape, its KV cache)
+
+def _kept_cache(model, shape, make):
+    """The KV cache kept for model if it has this shape, else a new one from make(), kept instead."""
+    if model not in KEPT or KEPT[model][0] != shape:
+        KEPT.pop(model, None)  # the old one's memory first
+        KEPT[model] = (shape, make())
+    return KEPT[model][1]
+
+def _gpt_step(model, cache, nxt, pos):
+    """The captured step of our GPT: token nxt (B,) at position pos (a 1-element tensor) -> logits."""
+    return model(nxt[:, None], cache, pos)[:, -1] @ model.wte.weight.T
+
+def _captured_gpt(model, cache, Tp):
+    """The kept cache of our GPT's captured step, with this call's prompt cache (Tp positions) in it.
+    Made with zeros: the step attends to the whole cache, its unwritten part masked (0 x NaN is NaN);
+    later calls leave finite values there, masked alike."""
+    def make():
+        kept = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in cache]
+        for k, v in kept:
+            torch._dynamo.mark_static_address(k), torch._dynamo.mark_static_address(v)
+        return kept
+    kept = _kept_cache(model, (cache[0][0].shape, cache[0][0].dtype), make)
+    for (K, V), (k, v) in zip(kept, cache):
+        K[:, :, :Tp], V[:, :, :Tp] = k[:, :, :Tp], v[:, :, :Tp]
+    return kept

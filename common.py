@@ -156,8 +156,7 @@ def free_memory(device):
     allocator holds unused; on the CPU Linux's MemAvailable; None where neither is known."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return caopd.cuda_free(device)
     if device.type == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
     try:
@@ -185,13 +184,12 @@ def kv_bytes(model, dtype):
 
 def sampling_bytes(model, prompt, new, dtype):
     """An upper bound on the bytes one row of a sampling call (caopd.sample) holds at once, for a
-    prompt of `prompt` tokens and `new` new ones, activations in dtype: its static KV cache (the
-    length rounded up to 64, as caopd._hf_decoder allocates it), during the prefill the prompt's own
-    cache, its activations (the residual stream, the MLP, one layer's attention scores) and at every
-    step the float32 logits, their softmax and CDF."""
+    prompt of `prompt` tokens and `new` new ones, activations in dtype: its static KV cache, during
+    the prefill the prompt's own cache and activations (the residual stream, the MLP, one layer's
+    attention scores), and at every step the float32 logits, their softmax and CDF."""
     _, kv_heads, _, hidden, mlp, vocab = model_shape(model)
     size = torch.finfo(dtype).bits // 8
-    length = -(-(prompt + new) // 64) * 64
+    length = caopd.cache_length(prompt, new)  # as caopd._hf_decoder allocates it
     kv = kv_bytes(model, dtype)
     prefill = prompt * (kv + (4 * hidden + 3 * mlp) * size + 4 * kv_heads * prompt)
     return kv * length + prefill + 4 * 4 * vocab
@@ -207,27 +205,27 @@ def fit_batches(cfg, model, tok, held):
     free = free_memory(cfg.device)
     want = {"eval_batch": min(EVAL_CAP, -(-len(held) // WORLD)),
             "rollout_batch": cfg.prompts_per_step // WORLD * cfg.K}
+    fits, where = math.inf, ""
     if free is None:
         print(f"note: the free memory of {cfg.device} is unknown here: eval_batch and rollout_batch are not "
               f"checked against it")
-        for k, n in want.items():
-            setattr(cfg, k, getattr(cfg, k) or n)
-        return
-    params = sum(p.numel() for p in model.parameters())
-    teacher = 2 if cfg.dtype == "bfloat16" and cfg.ema_rate == 0 and not cfg.fsdp else 4  # distiller()'s copy
-    reserved = (12 + teacher) * params // (WORLD if cfg.fsdp else 1)
-    if cfg.fsdp:  # sampling gathers the student's layers: its whole float32 weights on every process
-        reserved += 4 * params * (WORLD - 1) // WORLD
-    budget = 0.9 * (free - reserved)
-    prompt = max(len(student_tokens(tok, ex, cfg.enable_thinking)) for ex in held)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    per_row = sampling_bytes(model, prompt, cfg.max_new_tokens, dtype)
-    fits = int(budget // per_row)
-    size = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-    where = (f"{size(per_row)} per row for a prompt of up to {prompt} + {cfg.max_new_tokens} tokens, "
-             f"{size(max(budget, 0))} of {cfg.device}'s memory free for it")
-    if fits < 1:
-        die(f"a sampling call of one row does not fit: {where}; lower --max_new_tokens or use a larger device")
+    else:
+        params = sum(p.numel() for p in model.parameters())
+        teacher = 2 if teacher_in_bfloat16(cfg) else 4  # bytes a parameter
+        reserved = (12 + teacher) * params // (WORLD if cfg.fsdp else 1)
+        if cfg.fsdp:  # sampling gathers the student's layers: its whole float32 weights on every process
+            reserved += 4 * params * (WORLD - 1) // WORLD
+        budget = 0.9 * (free - reserved)
+        prompt = max(len(student_tokens(tok, ex, cfg.enable_thinking)) for ex in held)
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        per_row = sampling_bytes(model, prompt, cfg.max_new_tokens, dtype)
+        fits = int(budget // per_row)
+        size = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+        where = (f"{size(per_row)} per row for a prompt of up to {prompt} + {cfg.max_new_tokens} tokens, "
+                 f"{size(max(budget, 0))} of {cfg.device}'s memory free for it")
+        if fits < 1:
+            die(f"a sampling call of one row does not fit: {where}; lower --max_new_tokens or use a larger "
+                f"device")
     for k, n in want.items():
         given = getattr(cfg, k)
         if given > fits:
@@ -235,6 +233,12 @@ def fit_batches(cfg, model, tok, held):
         if not given and n > fits:
             print(f"note: {k} lowered to {fits} rows a call, the most that fit ({where})")
         setattr(cfg, k, given or min(n, fits))
+
+def teacher_in_bfloat16(cfg):
+    """Whether stage 1's teacher is a bfloat16 copy (train_small.distiller): a frozen teacher under
+    bfloat16 compute needs no float32 master weights; an EMA one does, and FSDP2's shards it like the
+    student, in float32."""
+    return cfg.dtype == "bfloat16" and cfg.ema_rate == 0 and not cfg.fsdp
 
 def frozen_copy(model, dtype):
     """A copy of model without gradients, its parameters in dtype: a frozen teacher needs no float32

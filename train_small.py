@@ -196,7 +196,7 @@ def distiller(cfg, model):
             for t, s in zip([*teacher.parameters(), *teacher.buffers()],
                             [*model.parameters(), *model.buffers()]):
                 t.copy_(s)
-    elif cfg.dtype == "bfloat16" and cfg.ema_rate == 0:  # a frozen teacher needs no float32 master weights
+    elif common.teacher_in_bfloat16(cfg):  # a frozen teacher needs no float32 master weights
         teacher = common.frozen_copy(model, torch.bfloat16)
     else:  # an EMA teacher's small updates need float32, like the student's
         teacher = copy.deepcopy(model)
