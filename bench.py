@@ -35,6 +35,7 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
 Timings on a shared machine are noisy: compare the ratios, which are measured side by side.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -50,6 +51,10 @@ from types import SimpleNamespace
 import torch
 
 import caopd
+import captured
+import hf
+import memory
+import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(4096, 128, 257), (2048, 256, 32768), (1024, 512, 151936)]  # (N, d, V)
@@ -57,6 +62,23 @@ SEED = 1337
 
 # -----------------------------------------------------------------------------
 # small helpers
+
+def full_forward_decoder(model, prompts, max_new_tokens):
+    """A decoder for caopd.sample without a KV cache (our GPT): the whole sequence again at every
+    token, what the cache saves."""
+    idx = torch.tensor(prompts, device=model.wte.weight.device)
+
+    def decode(nxt):
+        nonlocal idx
+        if nxt is not None:
+            idx = torch.cat([idx, nxt[:, None]], 1)
+        return model(idx)[:, -1] @ model.wte.weight.T
+    return decode
+
+def whole_sequences(model, prompts, completions):
+    """hf.completion_hidden without the shared prompt: every row's whole sequence."""
+    return caopd.whole_sequences_hidden(lambda x: model.base_model(input_ids=x).last_hidden_state,
+                                        caopd.output_weight(model).device, prompts, completions)
 
 def rss_bytes():
     """Resident set size of this process now (second field of /proc/self/statm, in pages)."""
@@ -247,7 +269,8 @@ def bench_sampler(configs):
 
         def run_ours(use_cache):
             def f():
-                out = caopd.sample(ours, plist, new, end_id, temperature=1.0, top_k=0, use_cache=use_cache)
+                out = caopd.sample(ours, plist, new, end_id, temperature=1.0, top_k=0,
+                                   decoder=caopd.gpt_decoder if use_cache else full_forward_decoder)
                 return sum(map(len, out))  # tokens actually generated
             return f
 
@@ -315,7 +338,7 @@ def bench_hf_sampler(rows, K, new, reps):
     outs = {}
 
     def ours():
-        outs["ours"] = caopd.sample(model, prompts, new, end_id, temperature=0)
+        outs["ours"] = caopd.sample(model, prompts, new, end_id, temperature=0, decoder=hf.decoder)
 
     @torch.no_grad()
     def hf():
@@ -451,11 +474,11 @@ def bench_real(threads):
             print(f"  {dtype} micro_batch={mb} grad_checkpoint={ckpt} sequences={rows[-1]['sequences']}: "
                   f"peak {peak:.0f} MiB, {sec:.1f} s/step", flush=True)
         cache = bench_prompt_cache(tmp, threads)
-        import common
+        import tokenizer
         from transformers import AutoTokenizer
         from data import arith
         tok = AutoTokenizer.from_pretrained(tmp)  # the student's tokens per sequence in these runs
-        tokens = len(common.render(tok, arith.split(0, 1)[0][0]["messages"], "default")) + base["max_new_tokens"]
+        tokens = len(tokenizer.render(tok, arith.split(0, 1)[0][0]["messages"], "default")) + base["max_new_tokens"]
     return {"params": params, "threads": threads, "rows": rows, "prompt_cache": cache, "tokens_per_sequence": tokens}
 
 def bench_prompt_cache(model_dir, threads, questions=2, K=4, prompt=192, new=32, reps=3):
@@ -472,7 +495,7 @@ def bench_prompt_cache(model_dir, threads, questions=2, K=4, prompt=192, new=32,
     times = {k: [] for k in ("shared, no grad", "whole, no grad", "shared, fwd+bwd", "whole, fwd+bwd")}
     for rep in range(reps + 1):
         for name in times:
-            fn = caopd.completion_hidden if name.startswith("shared") else caopd.whole_sequences_hidden
+            fn = hf.completion_hidden if name.startswith("shared") else whole_sequences
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             if "no grad" in name:
@@ -534,7 +557,7 @@ def bench_gpu(tiny=False):
     fused loss and the unfused reference, every sequence at once and 16 at a time. A random model
     never stops early, so every completion is the full 1,024 tokens (the worst case).
     tiny=True: a small model and short sequences on any device, to check the script itself."""
-    import common
+    import cli
     import train_small as ts
     from transformers import AutoModelForCausalLM, Qwen3Config
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -550,7 +573,7 @@ def bench_gpu(tiny=False):
         questions, K, new, prompt, teacher_prompt, micro = 8, 8, 1024, 300, 800, 16
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config).to(device).eval()  # float32 master weights
-    teacher = common.frozen_copy(model, torch.bfloat16)
+    teacher = models.frozen_copy(model, torch.bfloat16)
     g = torch.Generator().manual_seed(SEED)
     distinct = [torch.randint(3, config.vocab_size, (prompt,), generator=g).tolist() for _ in range(questions)]
     prompts = [p for p in distinct for _ in range(K)]
@@ -562,18 +585,19 @@ def bench_gpu(tiny=False):
               "new_tokens": new, "prompt": prompt, "teacher_prompt": teacher_prompt, "rollouts": {}, "steps": []}
     for name, compiled in (("eager", False), ("captured", True)):  # rollouts: the paper's 64 rows x 1,024 tokens
         for rep in range(2 if compiled else 1):  # the captured step's first call compiles
-            with common.autocast(cfg):
+            with cli.autocast(cfg):
                 sync()
                 t0 = time.perf_counter()
                 completions = caopd.sample(model, prompts, new, end_id=config.vocab_size, temperature=1.0,
-                                           generator=torch.Generator(device).manual_seed(SEED), compiled=compiled)
+                                           generator=torch.Generator(device).manual_seed(SEED),
+                                           decoder=captured.decoder(model) if compiled else hf.decoder)
                 sync()
                 seconds = time.perf_counter() - t0
         n_tokens = sum(map(len, completions))
         result["rollouts"][name] = {"tok_s": n_tokens / seconds, "s": seconds}
         print(f"  rollouts, {name} decode step: {len(prompts)} x {new} tokens in {seconds:.1f} s = "
               f"{n_tokens / seconds:.0f} tok/s", flush=True)
-    result["compile_s"] = caopd.COMPILE_SECONDS[:1]
+    result["compile_s"] = captured.COMPILE_SECONDS[:1]
     unfused = lambda hs, ws, ht, wt, w, tokens: caopd.linear_kl_reference(hs, ws, ht, wt, w)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for loss_name, estimator in (("fused", None), ("unfused", unfused)):
@@ -588,7 +612,8 @@ def bench_gpu(tiny=False):
                     sync()
                     t0 = time.perf_counter()
                     opt.zero_grad(set_to_none=True)
-                    ts.kl_backward(cfg, caopd.Distiller(model, teacher), prompts, completions, teacher_prompts, estimator)
+                    ts.kl_backward(cfg, caopd.Distiller(model, teacher, **models.seams(model)), prompts, completions,
+                                   teacher_prompts, estimator)
                     opt.step()
                     sync()
                 row["step_s"] = time.perf_counter() - t0
@@ -635,7 +660,7 @@ def bench_gpu_loss(device, shape, reps=5):
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else None
     r = {"shape": shape, "ms": 1000 * statistics.median(times), "peak_above_inputs_gib": peak,
-         "chunk": caopd.loss_chunk(N, V, torch.device(device))}
+         "chunk": memory.loss_chunk(N, V, torch.device(device))}
     print(f"  fused loss at N={N}, d={d}, V={V} (bfloat16 autocast, chunk {r['chunk']} rows): {r['ms']:.0f} ms, "
           f"peak {peak if peak is None else round(peak, 1)} GiB above the inputs", flush=True)
     return r
@@ -660,7 +685,7 @@ def decode_prompts(vocab, rows=64, K=8):
     distinct = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(48, 81, (rows // K,), generator=g)]
     return [p for p in distinct for _ in range(K)]
 
-def count_per_step(module, model, prompts, compiled=False):
+def count_per_step(sample, model, prompts):
     """Per decode step, counted by a dispatch mode over two calls of 16 and 32 new tokens (their
     difference / 16: the prefill cancels): aten operations, those that are not views, values read back
     by the host (each a wait for the device on a GPU), random draws. Greedy, then sampled (the
@@ -681,14 +706,13 @@ def count_per_step(module, model, prompts, compiled=False):
             self.n["random_draws"] += func.__name__.startswith(("rand", "uniform", "normal"))
             return func(*args, **(kwargs or {}))
 
-    kw = {"compiled": True} if compiled else {}
     out = {}
     for temperature in (0.0, 1.0):
         counts = []
         for new in (16, 32):
             with Count() as c:
-                module.sample(model, prompts, new, end_id=model.config.vocab_size, temperature=temperature,
-                              generator=torch.Generator().manual_seed(SEED), **kw)
+                sample(model, prompts, new, end_id=model.config.vocab_size, temperature=temperature,
+                       generator=torch.Generator().manual_seed(SEED))
             counts.append(c.n)
         out["greedy" if temperature == 0 else "sampled"] = {k: (counts[1][k] - counts[0][k]) / 16 for k in counts[0]}
     return out
@@ -708,13 +732,14 @@ def compiled_launches_per_step(model, prompts):
     from torch._inductor import metrics
     from torch.profiler import ProfilerActivity, profile
     metrics.reset()
-    caopd.COMPILED.clear()
-    caopd.sample(model, prompts, 4, end_id=model.config.vocab_size, temperature=0, compiled=True)
+    captured.COMPILED.clear()
+    decoder = captured.decoder(model)
+    caopd.sample(model, prompts, 4, end_id=model.config.vocab_size, temperature=0, decoder=decoder)
     kernels = metrics.generated_kernel_count
     counts = []
     for new in (16, 32):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            caopd.sample(model, prompts, new, end_id=model.config.vocab_size, temperature=0, compiled=True)
+            caopd.sample(model, prompts, new, end_id=model.config.vocab_size, temperature=0, decoder=decoder)
         counts.append(sum(e.name.startswith("aten::") and not e.name.startswith("aten::empty") and in_compiled(e)
                           and not e.cpu_parent.name.startswith("aten::") for e in prof.events()))
     return {"library_calls": (counts[1] - counts[0]) / 16, "generated_kernels": kernels}
@@ -743,17 +768,19 @@ def bench_decode(before=None, reps=3):
         prompts = decode_prompts(model.config.vocab_size)
         r = {"width": width, "layers": layers, "vocab": model.config.vocab_size, "rows": len(prompts), "new": new}
         if width == 64:
-            r["per_step"] = {"eager": count_per_step(caopd, model, prompts)}
+            eager = functools.partial(caopd.sample, decoder=hf.decoder)
+            r["per_step"] = {"eager": count_per_step(eager, model, prompts)}
             if old is not None:
-                r["per_step"]["before"] = count_per_step(old, model, prompts)
-        caopd.COMPILED.clear()
-        caopd.COMPILE_SECONDS.clear()
+                r["per_step"]["before"] = count_per_step(old.sample, model, prompts)
+        captured.COMPILED.clear()
+        captured.COMPILE_SECONDS.clear()
         T = max(map(len, prompts))
         ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
         end, outs = model.config.vocab_size, {}
-        runs = {"eager": lambda: caopd.sample(model, prompts, new, end, temperature=0),
-                "captured": lambda: caopd.sample(model, prompts, new, end, temperature=0, compiled=True),
+        runs = {"eager": lambda: caopd.sample(model, prompts, new, end, temperature=0, decoder=hf.decoder),
+                "captured": lambda: caopd.sample(model, prompts, new, end, temperature=0,
+                                                 decoder=captured.decoder(model)),
                 "generate": lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
                                                    min_new_tokens=new, pad_token_id=0)[:, T:].tolist()}
         if old is not None:
@@ -766,7 +793,7 @@ def bench_decode(before=None, reps=3):
                     outs[name] = f()
                 if rep:
                     times[name].append(time.perf_counter() - t0)
-        r["compile_s"] = caopd.COMPILE_SECONDS[0]
+        r["compile_s"] = captured.COMPILE_SECONDS[0]
         tokens = len(prompts) * new
         r["tok_s"] = {k: tokens / statistics.median(v) for k, v in times.items()}
         r["times_s"] = times
@@ -786,15 +813,14 @@ def bench_decode(before=None, reps=3):
         m = run_worker(worker="sample_memory", N=rows, V=new)
         results[-1].setdefault("memory", []).append(m)
         print(f"  one call of {rows} rows x {new} new tokens (width 1024 x 8 layers, float32): peak "
-              f"{m['measured_mib']:.0f} MiB above the model, common.sampling_bytes bounds it at {m['bound_mib']:.0f} "
+              f"{m['measured_mib']:.0f} MiB above the model, memory.sampling_bytes bounds it at {m['bound_mib']:.0f} "
               f"MiB", flush=True)
     return results
 
 def sampling_memory_worker(args):
     """--worker=sample_memory: the peak resident memory one caopd.sample call adds (--N rows x --V new
-    tokens, the Llama of width 1024 x 8 layers, greedy, float32) against common.sampling_bytes's bound
+    tokens, the Llama of width 1024 x 8 layers, greedy, float32) against memory.sampling_bytes's bound
     for it, printed as a JSON line."""
-    import common
     torch.set_num_threads(1)
     model = llama(1024, 8)
     prompts = decode_prompts(model.config.vocab_size, rows=args.N)
@@ -802,10 +828,10 @@ def sampling_memory_worker(args):
     with open("/proc/self/clear_refs", "w") as f:  # the peak from here: a child starts with its parent's
         f.write("5")
     caopd.sample(model, prompts, args.V, end_id=model.config.vocab_size, temperature=1.0,
-                 generator=torch.Generator().manual_seed(SEED))
+                 generator=torch.Generator().manual_seed(SEED), decoder=hf.decoder)
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    bound = args.N * common.sampling_bytes(model, max(map(len, prompts)), args.V, torch.float32)
+    bound = args.N * memory.sampling_bytes(model, max(map(len, prompts)), args.V, torch.float32)
     print(json.dumps({"rows": args.N, "new": args.V, "measured_mib": (peak - before) / 2**20,
                       "bound_mib": bound / 2**20}))
 
@@ -941,13 +967,12 @@ def markdown(loss, sampler, targets):
 
 def load_worker(model_dir, fsdp):
     """Under torchrun: load model_dir as train_small.py does; print this process's resident memory."""
-    import common
     import parallel
     cfg = SimpleNamespace(init_from=model_dir, fsdp=fsdp == "True", device=parallel.init("cpu"), grad_checkpoint=False)
     import transformers  # noqa: F401  (its import is not the model's memory)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     before = rss_bytes()  # torch, transformers and the process group, before any weight
-    model = common.load_model(cfg)[0]
+    model = models.load_model(cfg)[0]
     print(f"rank {parallel.RANK}: {rss_bytes() / 2**20:.0f} MiB resident, peak {peak_rss_bytes() / 2**20:.0f} MiB after "
           f"loading {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {before / 2**20:.0f} MiB before",
           flush=True)

@@ -19,17 +19,14 @@ changes one thing, the confidence target:
 Without step 3 this file is plain OPD: distillation_targets() is the whole difference, and the
 comment above it says why it works. The file reads top to bottom in the method's order:
 tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence -> teacher
-context -> the change -> loss -> metrics; then the adapters for Hugging Face models and the
-captured decode step (speed on a GPU).
-train_small.py runs it; the verifiers of the paper's two tasks sit beside their data
-(data/tasks.py); several processes (DDP, FSDP2) are in parallel.py.
+context -> the change -> loss -> metrics.
+train_small.py runs it. Nothing here is for scale: a Hugging Face model reaches sample() and the
+loss through two functions it is given (a decoder, a completion_hidden: hf.py), the captured
+decode step is another decoder (captured.py), and several processes are torch's engines around
+Distiller (parallel.py).
 """
-import functools
-import inspect
 import math
 import re
-import time
-import weakref
 from dataclasses import dataclass
 
 import tiktoken
@@ -89,20 +86,13 @@ class Block(nn.Module):
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if torch.is_tensor(pos):  # one token at position pos (a tensor: the captured decode step, whose
-            # shapes never change): written at pos, attending to the whole cache up to it
-            kv[0].index_copy_(2, pos, k), kv[1].index_copy_(2, pos, v)
-            k, v = kv
-            mask, causal = (torch.arange(k.shape[2], device=x.device) <= pos)[None], False  # (1, L)
-        else:
-            if kv is not None:  # write this call's keys/values at pos, attend to everything so far
-                kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
-                k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
-            # causal: the T new tokens sit at positions pos .. pos + T - 1 and see everything before them
-            mask = None if T == 1 or pos == 0 else \
-                torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-            causal = T > 1 and pos == 0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if kv is not None:  # write this call's keys/values at pos, attend to everything so far
+            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
+            k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+        # causal: the T new tokens sit at positions pos .. pos + T - 1 and see everything before them
+        mask = None if T == 1 or pos == 0 else \
+            torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)  # (T, pos + T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0)
         x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
 
@@ -125,8 +115,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> final hidden states (B, T, C). Logits are hidden @ wte.weight.T
         (output_weight); the loss never forms them for all positions at once (see fused_linear_kl)."""
         T = idx.shape[1]
-        assert torch.is_tensor(pos) or pos + T <= self.cfg.block_size, \
-            f"sequence of {pos + T} tokens > block_size {self.cfg.block_size}"
+        assert pos + T <= self.cfg.block_size, f"{pos + T} tokens > block_size {self.cfg.block_size}"
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device) + pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache[i]
@@ -137,7 +126,11 @@ class GPT(nn.Module):
                 x = block(x, kv, pos)
         return self.ln_f(x)
 
+    def get_output_embeddings(self):
+        return self.wte  # tied: the name a Hugging Face model gives its output layer, so one output_weight()
+
     def new_cache(self, batch, length, dtype=None):
+        """Keys and values of every block, (batch, n_head, length, head size) each, unfilled."""
         c = self.cfg
         shape = (batch, c.n_head, length, c.n_embd // c.n_head)
         w = self.wte.weight
@@ -146,85 +139,71 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # Rollouts: K completions per prompt, all prompts of a step in one batched call
 
+def distinct_prompts(prompts):
+    """(each distinct prompt once, in order of first appearance; (B,) each row's index among them)."""
+    first = {}
+    for p in prompts:
+        first.setdefault(tuple(p), len(first))
+    return [list(p) for p in first], [first[tuple(p)] for p in prompts]
+
 def prefill(model, prompts, length):
     """Run each distinct prompt once into a KV cache with room for `length` positions, then give
     every row its own copy: the K rollouts of a question share its prompt, so this does K times
     less prompt work. Returns the last prompt token's hidden state (B, C) and the cache."""
     device = model.wte.weight.device
-    distinct = {}  # prompt -> its row among the distinct prompts
-    for p in prompts:
-        distinct.setdefault(tuple(p), len(distinct))
-    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
+    distinct, rows = distinct_prompts(prompts)
+    rows = torch.tensor(rows, device=device)
     cache = model.new_cache(len(distinct), length, compute_dtype(device))  # keys/values as computed
-    h = model(torch.tensor(list(distinct), device=device), cache)[:, -1]  # (U, C)
-    # index_select, not h[rows]: advanced indexing is ~10x slower on CPU for these whole-row copies
+    h = model(torch.tensor(distinct, device=device), cache)[:, -1]  # (U, C)
     # (B, C), (B, nh, length, hs) per layer
     return h.index_select(0, rows), [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]
 
-def hidden_states(model, idx):
-    """Final hidden states (B, T, C) of our GPT or of a Hugging Face causal LM (its base model, so
-    no (B, T, V) logits are formed). With output_weight() they give the logits: h @ W.T."""
-    return model(idx) if isinstance(model, GPT) else model.base_model(input_ids=idx).last_hidden_state
-
 def output_weight(model):
     """The output projection (V, C): our tied wte, or a Hugging Face model's lm_head (tied or not)."""
-    return model.wte.weight if isinstance(model, GPT) else model.get_output_embeddings().weight
+    return model.get_output_embeddings().weight
 
 def compute_dtype(device):
     """The dtype activations are computed in on `device`: autocast's, else None (the weights')."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
-def _gpt_decoder(model, prompts, max_new_tokens, use_cache, compiled=False):
-    """Logits of the next token, step by step: decode(None) for the first, decode(tokens (B,)) after."""
-    assert len({len(p) for p in prompts}) == 1, \
-        "our GPT samples prompts of one length (the toy pads its questions)"
-    idx = torch.tensor(prompts, device=model.wte.weight.device)  # (B, Tp)
-    Tp = t = idx.shape[1]  # t: the position of the next token
-    if use_cache:
-        h0, cache = prefill(model, prompts, Tp + max_new_tokens)  # (B, C) state of the last prompt token
-    if compiled:  # the captured step (at the end of this file) over the cache it keeps
-        cache, step = _captured_gpt(model, cache, Tp), _step(_gpt_step, True)
-        pos = torch.tensor([Tp - 1], device=idx.device)
+def gpt_decoder(model, prompts, max_new_tokens):
+    """Our GPT's decoder for sample(): the prompts through prefill(), then one token per row per
+    call. Returns decode: decode(None) -> the logits (B, V) of the first new token, decode(tokens
+    (B,)) -> those of the next one. A Hugging Face model has its own (hf.decoder)."""
+    assert len({len(p) for p in prompts}) == 1, "our GPT's prompts have one length (the toy pads them)"
+    t = len(prompts[0])  # the position of the next token
+    h, cache = prefill(model, prompts, t + max_new_tokens)  # (B, C) state of the last prompt token
 
     def decode(nxt):
-        nonlocal idx, t
-        if nxt is None:
-            h = h0 if use_cache else model(idx)[:, -1]
-        elif compiled:
-            return step(model, cache, nxt, pos.add_(1))
-        elif use_cache:
-            h = model(nxt[:, None], cache, t)[:, -1]
+        nonlocal h, t
+        if nxt is not None:
+            h = model(nxt[:, None], cache, t)[:, -1]  # (B, C)
             t += 1
-        else:  # the whole sequence again: for tests and the benchmark, never for training
-            idx = torch.cat([idx, nxt[:, None]], 1)
-            h = model(idx)[:, -1]
         return h @ model.wte.weight.T  # (B, V)
     return decode
 
 CHECK_EVERY = 8  # tokens between reads of "has every row finished?": on a GPU each read waits for it
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, generator=None, rows=None,
-           use_cache=True, compiled=False):
-    """Sample a completion for each prompt (a list of token lists) from our GPT or a Hugging Face
-    causal LM, with a KV cache. Returns one token list per prompt: the completion, ending in end_id
-    unless it ran out of max_new_tokens. temperature 0 is greedy.
-    rows = (first, total): these prompts are rows first .. first + B - 1 of a batch of `total`
-    split across data-parallel processes. The call draws one uniform per row of the whole batch and
-    token from `generator` at once, on its device, and keeps its rows': a row's sample never
-    depends on how the batch was split. compiled: the captured decode step (the last section).
-    use_cache=False (our GPT) re-runs the full forward every step: to test and benchmark the cache."""
+def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, generator=None,
+           decoder=gpt_decoder, uniforms=None):
+    """Sample a completion for each prompt (a list of token lists) with a KV cache. Returns one
+    token list per prompt: the completion, ending in end_id unless it ran out of max_new_tokens.
+    temperature 0 is greedy. decoder(model, prompts, max_new_tokens) -> decode (gpt_decoder's
+    contract); uniforms (max_new_tokens, B, 1): the random numbers of the call, one per row and
+    token (default: drawn from generator, on its device, at once).
+    Inverse-CDF sampling needs one uniform per row and token, where torch.multinomial draws one
+    per vocabulary entry; drawing them all up front keeps every row's sample its own whatever the
+    batch around it (train_small slices one draw of a whole step across calls and processes)."""
     B = len(prompts)
-    first, total = rows or (0, B)
-    if isinstance(model, GPT):
-        decode = _gpt_decoder(model, prompts, max_new_tokens, use_cache, compiled)
-    else:
-        decode = _hf_decoder(model, prompts, max_new_tokens, compiled)
+    decode = decoder(model, prompts, max_new_tokens)
     logits = decode(None)
     device = logits.device
-    if temperature:  # (max_new_tokens, B, 1): token t of every row of the whole batch, this process's rows
-        u = torch.rand(max_new_tokens, total, 1, generator=generator,
-                       device=generator.device if generator else device)[:, first:first + B].to(device)
+    if temperature and uniforms is None:
+        uniforms = torch.rand(max_new_tokens, B, 1, generator=generator,
+                              device=generator.device if generator else device)
+    if temperature:
+        uniforms = uniforms.to(device)
     out = torch.full((B, max_new_tokens), end_id, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -235,10 +214,9 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            # inverse-CDF sampling, one uniform per row: torch.multinomial draws an exponential per
-            # vocabulary entry: ~1.5 ms of a ~10 ms decode step at B = 128, V = 331 on one CPU thread
-            cdf = F.softmax(logits, -1).cumsum_(-1)
-            nxt = torch.searchsorted(cdf, u[t] * cdf[:, -1:], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+            cdf = F.softmax(logits, -1).cumsum_(-1)  # (B, V); the row whose CDF first passes u
+            nxt = torch.searchsorted(cdf, uniforms[t] * cdf[:, -1:], right=True)[:, 0]
+            nxt = nxt.clamp_(max=cdf.shape[1] - 1)  # (B,)
         nxt = nxt.masked_fill(done, end_id)  # finished rows keep emitting END (cut off below)
         out[:, t] = nxt
         done |= nxt == end_id
@@ -299,10 +277,12 @@ def verify_arith(answer, text):
 def empirical_confidence(correct, smoothed=False):
     """P_acc of one question from the verdicts of its K rollouts: c / K for c correct, or with
     smoothed=True (c + 1) / (K + 2) (Laplace's rule of succession: never exactly 0 or 1 from a few
-    rollouts). Another estimator (a Beta(a, b) prior: (c + a) / (K + a + b)) is a line here. It is
-    written with `decimals` digits (set_confidence): the toy states one decimal (a token per value,
-    see toy_tokenizer), real models two, the paper's X.XX, so a change smaller than half the last
-    digit changes no target."""
+    rollouts). Another estimator (a Beta(a, b) prior: (c + a) / (K + a + b)) is a line here.
+    What the student is trained to state is this value ROUNDED to `decimals` digits (set_confidence):
+    the toy's one decimal (a token per value, see toy_tokenizer), real models' two (the paper's
+    X.XX). So an estimator's change smaller than half the last digit changes no target, and nearby
+    counts can share one: with K = 8 and one decimal, Beta(2, 2) gives c = 0 -> 2/12 and c = 1 ->
+    3/12, both written 0.2 (a test checks this; --smoke shows an estimator's targets in seconds)."""
     k = len(correct)
     return (sum(correct) + 1) / (k + 2) if smoothed else sum(correct) / k
 
@@ -364,9 +344,11 @@ def ema_update(teacher, student, rate):
 # peaks at their mean P_acc when each teacher's log-probabilities are a parabola around the value
 # it is shown (the toy's base is trained so: toy_base.soft_confidence_loss). So the student
 # states the success rate of the questions that look like this one: calibration. Rewriting the
-# student's own stated value (a) sets no target: the student's distribution at the confidence
-# position depends only on the tokens before it, never on the value written there. It changes the
-# positions after it (the end token, now after P_acc) and keeps one confidence line in the format.
+# student's own stated value (a) sets no target at the value's first token: the student's
+# distribution there depends only on the tokens before it, never on what is written there. It
+# does shape the positions after that token: the end token (now after P_acc) and, where a value
+# takes several tokens (a real model's "0.85" is "0", ".", "85" or similar), the later digits,
+# which see the first. It also keeps one confidence line in the format.
 # Which of the three carry the calibration is measured: python experiments.py replacements.
 
 def distillation_targets(method, rollouts, correct, reference, template, decimals, smoothed=False,
@@ -374,14 +356,16 @@ def distillation_targets(method, rollouts, correct, reference, template, decimal
     """The whole difference between OPD and CaOPD, for one question. rollouts: the texts of its K
     rollouts; correct: their verdicts; reference: the reference answer; template: the teacher
     context's name. Returns (the K completions to train on, the teacher's context as
-    teacher_prompt's fields, P_acc). OPD (method "opd") trains on the rollouts as sampled (the
-    same list, returned as it came) toward a teacher shown certainty: confidence 1.0, no Note.
-    CaOPD puts P_acc in the three places (parts: which of them, "abc" all; for ablations)."""
+    teacher_prompt's fields, P_acc). OPD (method "opd") trains on the rollouts as sampled toward a
+    teacher shown certainty: confidence 1.0, no Note. CaOPD puts P_acc in the three places (parts:
+    which of them, "abc" all; for ablations). A completion whose text is the rollout's trains on
+    the sampled tokens themselves; a rewritten one is encoded anew (train_small.targets)."""
     p_acc = empirical_confidence(correct, smoothed)
     solution = reference
     if template == "correct_solution":  # the first verified rollout of this question, else the reference
         solution = next((r for r, ok in zip(rollouts, correct) if ok), reference)
-    completions, context = rollouts, dict(template=template, solution=solution, confidence=1.0, note=None)
+    completions = list(rollouts)
+    context = dict(template=template, solution=solution, confidence=1.0, note=None)
     if method == "caopd":
         if "a" in parts:  # a. the completion's stated confidence
             completions = [set_confidence(r, p_acc, decimals) for r in rollouts]
@@ -395,22 +379,32 @@ def distillation_targets(method, rollouts, correct, reference, template, decimal
 # Loss: per-token divergence between student and teacher over the full vocabulary
 
 def completion_hidden(model, prompts, completions):
-    """Run the model on each prompt + completion and return the hidden states that predict the
+    """Run our GPT on each prompt + completion and return the hidden states that predict the
     completion tokens, (B, L, C), with the completions' lengths. h[i, j] is the state after
     prompts[i] + completions[i][:j]; it predicts completions[i][j].
     The K rollouts of a question share its prompt, so the prompt runs once into a KV cache
-    (prefill) and the completions run on top of it: K times less prompt work."""
-    device = output_weight(model).device
+    (prefill) and the completions run on top of it: K times less prompt work. (A Hugging Face
+    model's: hf.completion_hidden, given to Distiller.)"""
+    if len({len(p) for p in prompts}) > 1:  # prompts of several lengths (the toy base's rows)
+        return whole_sequences_hidden(model, model.wte.weight.device, prompts, completions)
+    L, Tp = max(map(len, completions)), len(prompts[0])
+    x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=model.wte.weight.device)
+    # x (B, L - 1): the completions but their last token, right-padded
+    h0, cache = prefill(model, prompts, Tp + L - 1)  # h0 (B, C) predicts token 0
+    rest = model(x, cache, Tp) if L > 1 else h0.new_zeros(len(prompts), 0, h0.shape[-1])  # (B, L - 1, C)
+    return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
+
+def whole_sequences_hidden(forward, device, prompts, completions):
+    """completion_hidden without a shared prompt: each row's prompt + completion, right-padded,
+    through forward(ids (B, T)) -> hidden states (B, T, C)."""
     L = max(map(len, completions))
-    x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=device)  # (B, L - 1)
-    if isinstance(model, GPT) and len({len(p) for p in prompts}) == 1:  # the toy's prompts: one length
-        Tp = len(prompts[0])
-        h0, cache = prefill(model, prompts, Tp + L - 1)  # h0 (B, C) predicts token 0
-        rest = model(x, cache, Tp) if L > 1 else h0.new_zeros(len(prompts), 0, h0.shape[-1])  # (B, L - 1, C)
-        return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
-    if not isinstance(model, GPT):
-        return _hf_completion_hidden(model, prompts, completions, x)
-    return whole_sequences_hidden(model, prompts, completions)
+    seqs = [p + c[:-1] for p, c in zip(prompts, completions)]
+    T = max(map(len, seqs))
+    h = forward(torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device))  # (B, T, C)
+    # right padding needs no mask: causal attention never looks ahead
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the state that predicts token 0
+    pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
+    return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]
 
 # Reverse KL(p_s || p_t) is the default: it is an expectation under the student's own
 # distribution, so the student is pushed off tokens the teacher finds unlikely (mode seeking),
@@ -419,14 +413,15 @@ def completion_hidden(model, prompts, completions):
 # m = beta * p_t + (1 - beta) * p_s, JSD = beta KL(p_t||m) + (1 - beta) KL(p_s||m), and beta = 0 / 1
 # meaning forward / reverse KL.
 
-DIVERGENCES = ("reverse", "forward", "jsd")  # kl_divergence's
-FUSED = ("reverse", "forward", "jsd")  # fused_linear_kl's: their gradients are derived by hand below
+DIVERGENCES = ("reverse", "forward", "jsd")  # kl_divergence's: a new one is a name here and its formula there
+
+def _endpoint(kind, beta):
+    """The JSD at beta = 0 or 1 is forward or reverse KL (its mixture m would be one side)."""
+    return ("forward" if beta == 0.0 else "reverse") if kind == "jsd" and beta in (0.0, 1.0) else kind
 
 def kl_divergence(logp_s, logp_t, kind="reverse", beta=0.5):
-    """Per-position divergence from log-probabilities (..., V) -> (...), in plain autograd: a new
-    divergence is a name in DIVERGENCES and its formula here, run with --fused=False."""
-    if kind == "jsd" and beta in (0.0, 1.0):
-        kind = "forward" if beta == 0.0 else "reverse"
+    """Per-position divergence from log-probabilities (..., V) -> (...), in plain autograd."""
+    kind = _endpoint(kind, beta)
     if kind == "reverse":
         return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
     if kind == "forward":
@@ -439,12 +434,88 @@ def kl_divergence(logp_s, logp_t, kind="reverse", beta=0.5):
 
 def linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
                         kind="reverse", beta=0.5):
-    """What fused_linear_kl computes, written plainly in autograd (--fused=False): it holds several
-    (N, V) tensors, and any divergence of kl_divergence."""
+    """The loss, written plainly: the mean over positions (mask: which count, or their weights) of
+    the divergence between softmax(student_hidden @ student_weight.T) and the teacher's, gradient
+    through the student only. It holds several (N, V) tensors; fused_linear_kl below computes the
+    same without them (--fused=True), for the divergences whose gradients it derives."""
     logp_s = F.log_softmax(student_hidden @ student_weight.T, -1)  # (N, V)
     logp_t = F.log_softmax(teacher_hidden @ teacher_weight.T, -1).detach()
     w = torch.ones_like(logp_s[:, 0]) if mask is None else mask.to(logp_s.dtype)
     return (kl_divergence(logp_s, logp_t, kind, beta) * w).sum() / w.sum().clamp(min=1e-30)
+
+class Distiller(nn.Module):
+    """The student and its teacher, and a forward that returns the loss, as nanoGPT's model(x, y)
+    returns its loss: the data-parallel engines (DistributedDataParallel, FSDP2) average the
+    gradient of what happens inside the forward of the module they wrap, so the loss must be there.
+    hidden and decoder are how the loss and sample() run the models: completion_hidden and
+    gpt_decoder for our GPT (a Hugging Face model's: hf.py; the captured decode step: captured.py);
+    chunk(n, vocab, device): the fused loss's rows per chunk (loss_chunk; on a GPU memory.py's)."""
+
+    def __init__(self, student, teacher, kind="reverse", beta=0.5, fused=True, hidden=completion_hidden,
+                 decoder=gpt_decoder, chunk=None):
+        super().__init__()
+        self.student, self.teacher, self.kind, self.beta, self.fused = student, teacher, kind, beta, fused
+        self.hidden, self.decoder, self.chunk = hidden, decoder, chunk or loss_chunk
+
+    def forward(self, prompts, completions, teacher_prompts, weight, estimator=None):
+        """weight (B, L): each completion position's share of the loss (0 = not counted) -> the
+        weighted mean divergence over the positions. estimator: None (the loss above) or another
+        function of fused_linear_kl's arguments plus the completion tokens (experiments.py)."""
+        hs, _ = self.hidden(self.student, prompts, completions)  # (B, L', C)
+        with torch.no_grad():  # the same completion tokens after the teacher's prompt
+            ht, _ = self.hidden(self.teacher, teacher_prompts, completions)
+        w = weight[:, :hs.shape[1]]  # (B, L'): L' is these rows' longest completion
+        args = (hs.flatten(0, 1), output_weight(self.student), ht.flatten(0, 1), output_weight(self.teacher),
+                w.flatten())
+        if estimator is not None:
+            tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions], device=hs.device)
+            return estimator(*args, tokens.flatten())
+        if not self.fused:
+            return linear_kl_reference(*args, kind=self.kind, beta=self.beta)
+        chunk = self.chunk(args[0].shape[0], args[1].shape[0], hs.device)  # rows per chunk
+        return fused_linear_kl(*args, kind=self.kind, beta=self.beta, chunk_size=chunk)
+
+    def sample(self, prompts, *args, **kwargs):
+        """sample() from the student with this Distiller's decoder (FSDP2 runs it like forward)."""
+        return sample(self.student, prompts, *args, decoder=self.decoder, **kwargs)
+
+# The fused kernel: the same loss, chunk by chunk over the positions, computing the gradients in
+# its forward pass. A (tokens x vocabulary) logit tensor at a real vocabulary (150k) is gigabytes;
+# here only three (chunk, V) buffers are alive, and backward only rescales what forward computed.
+
+FUSED = ("reverse", "forward", "jsd")  # the divergences whose gradients are derived by hand below
+
+def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                    kind="reverse", beta=0.5, chunk_size=None):
+    """Mean per-position divergence between softmax(student_hidden @ student_weight.T) and
+    softmax(teacher_hidden @ teacher_weight.T), never holding an (N, V) tensor.
+    student_hidden (N, d_s), student_weight (V, d_s), teacher_hidden (N, d_t), teacher_weight
+    (V, d_t); mask (N,): bool (positions that count) or float weights (the mean is weighted).
+    Gradients flow to student_hidden and student_weight only."""
+    hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    mask = torch.ones(hs.shape[0], device=hs.device) if mask is None and torch.is_tensor(hs) else mask
+    shapes = ", ".join(f"{n} {tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', type(t).__name__)}" for n, t in
+                       zip(("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "mask"),
+                           (hs, ws, ht, wt, mask)))
+    if not all(torch.is_tensor(t) and t.is_floating_point() and t.dim() == 2 for t in (hs, ws, ht, wt)) or \
+            hs.shape[0] != ht.shape[0] or ws.shape[0] != wt.shape[0] or hs.shape[1] != ws.shape[1] or \
+            ht.shape[1] != wt.shape[1] or not torch.is_tensor(mask) or mask.shape != (hs.shape[0],):
+        raise ValueError(f"want 2-D floating hidden (N, d) and weights (V, d), mask (N,): got {shapes}")
+    if kind not in FUSED:
+        raise ValueError(f"kind must be one of {FUSED} (the others: linear_kl_reference), got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    kind = _endpoint(kind, beta)
+    if chunk_size is None:
+        chunk_size = loss_chunk(hs.shape[0], ws.shape[0], hs.device)
+    w = mask.detach().to(torch.promote_types(hs.dtype, torch.float32))
+    if not w.any():
+        return (hs.sum() + ws.sum()) * 0.0  # nothing counts: zero loss, zero gradients
+    device = hs.device.type
+    mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # see forward
+    with torch.autocast(device, enabled=False):  # its products are cast explicitly
+        return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size),
+                                    mm)
 
 class _FusedLinearKL(torch.autograd.Function):
     """Forward computes the loss AND its gradients chunk by chunk; backward only rescales them.
@@ -533,95 +604,19 @@ def _logits_into(buf, h, weight):
         buf.copy_(h @ weight.T)
 
 def loss_chunk(n, vocab, device):
-    """fused_linear_kl's rows per chunk for n rows and a vocabulary of `vocab`. On a CPU about 2^23
-    logits (32 MB in float32) per chunk buffer: larger chunks gain nothing there. On a GPU a chunk
-    costs its launches and a (V, d) gradient update whatever its size, so as many rows as its three
-    float32 (rows, V) buffers fit in an eighth of the free memory."""
-    if device.type != "cuda":
-        return max(1, min(n, (1 << 23) // vocab))
-    return max(1, min(n, cuda_free(device) // 8 // (3 * 4 * vocab)))
+    """fused_linear_kl's rows per chunk for n rows: about 2^23 logits (32 MB in float32) per chunk
+    buffer, where larger chunks gain nothing on a CPU (a GPU's: memory.loss_chunk)."""
+    return max(1, min(n, (1 << 23) // vocab))
 
-def cuda_free(device):
-    """Bytes this process can still allocate on a CUDA device: the driver's free memory plus what
-    torch's allocator holds unused."""
-    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
-        torch.cuda.memory_allocated(device)
+def _has_kernel(op, device_type):
+    """Whether torch has a kernel of `op` for this device type; False for an op this torch lacks."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, device_type.upper())
+    except RuntimeError:  # "operator ... does not exist": an older torch
+        return False
 
-# addmm writing float32 from bfloat16 operands: CUDA has the kernel, the CPU does not
-_ADDMM_F32 = {t: torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", t.upper())
-              for t in ("cpu", "cuda")}
-
-def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
-                    kind="reverse", beta=0.5, chunk_size=None):
-    """Mean per-position divergence between softmax(student_hidden @ student_weight.T) and
-    softmax(teacher_hidden @ teacher_weight.T), never holding an (N, V) tensor.
-    student_hidden (N, d_s), student_weight (V, d_s), teacher_hidden (N, d_t), teacher_weight
-    (V, d_t); mask (N,): bool (positions that count) or float weights (the mean is weighted).
-    Gradients flow to student_hidden and student_weight only."""
-    hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
-    named = (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt))
-    for name, t in named:
-        if not (torch.is_tensor(t) and t.is_floating_point() and t.dim() == 2):
-            raise ValueError(f"{name} must be a 2-D floating tensor, got {getattr(t, 'dtype', type(t))} "
-                             f"of shape {tuple(getattr(t, 'shape', ()))}")
-    shapes = f"student_hidden {tuple(hs.shape)}, student_weight {tuple(ws.shape)}, " \
-             f"teacher_hidden {tuple(ht.shape)}, teacher_weight {tuple(wt.shape)}"
-    if hs.shape[0] != ht.shape[0]:
-        raise ValueError(f"student_hidden and teacher_hidden differ in N: {shapes}")
-    if ws.shape[0] != wt.shape[0]:
-        raise ValueError(f"student_weight and teacher_weight differ in V: {shapes}")
-    if hs.shape[1] != ws.shape[1] or ht.shape[1] != wt.shape[1]:
-        raise ValueError(f"hidden size does not match its weight: {shapes}")
-    if mask is None:
-        mask = torch.ones(hs.shape[0], device=hs.device)
-    if not torch.is_tensor(mask) or mask.shape != (hs.shape[0],):
-        got = tuple(getattr(mask, "shape", ()))
-        raise ValueError(f"mask must have shape ({hs.shape[0]},), got {got}; {shapes}")
-    if kind not in FUSED:
-        raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if kind == "jsd" and beta in (0.0, 1.0):
-        kind = "forward" if beta == 0.0 else "reverse"
-    if chunk_size is None:
-        chunk_size = loss_chunk(hs.shape[0], ws.shape[0], hs.device)
-    w = mask.detach().to(torch.promote_types(hs.dtype, torch.float32))
-    if not w.any():
-        return (hs.sum() + ws.sum()) * 0.0  # nothing counts: zero loss, zero gradients
-    device = hs.device.type
-    mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # see forward
-    with torch.autocast(device, enabled=False):  # its products are cast explicitly
-        return _FusedLinearKL.apply(hs, ws, ht.detach(), wt.detach(), w, kind, float(beta), int(chunk_size),
-                                    mm)
-
-class Distiller(nn.Module):
-    """The student and its teacher, and a forward that returns the loss, as nanoGPT's model(x, y)
-    returns its loss: the data-parallel engines (DistributedDataParallel, FSDP2) average the
-    gradient of what happens inside the forward of the module they wrap, so the loss must be there."""
-
-    def __init__(self, student, teacher, kind="reverse", beta=0.5, fused=True):
-        super().__init__()
-        self.student, self.teacher, self.kind, self.beta, self.fused = student, teacher, kind, beta, fused
-
-    def forward(self, prompts, completions, teacher_prompts, weight, estimator=None):
-        """weight (B, L): each completion position's share of the loss (0 = not counted) -> the
-        weighted mean divergence over the positions. estimator: None (fused_linear_kl) or another
-        function of fused_linear_kl's arguments plus the completion tokens (experiments.py)."""
-        hs, _ = completion_hidden(self.student, prompts, completions)  # (B, L', C)
-        with torch.no_grad():  # the same completion tokens after the teacher's prompt
-            ht, _ = completion_hidden(self.teacher, teacher_prompts, completions)
-        w = weight[:, :hs.shape[1]]  # (B, L'): L' is these rows' longest completion
-        args = (hs.flatten(0, 1), output_weight(self.student), ht.flatten(0, 1), output_weight(self.teacher),
-                w.flatten())
-        if estimator is None:  # the fused kernel, or the same loss in plain autograd
-            loss = fused_linear_kl if self.fused else linear_kl_reference
-            return loss(*args, kind=self.kind, beta=self.beta)
-        tokens = torch.tensor([c + [0] * (hs.shape[1] - len(c)) for c in completions], device=hs.device)
-        return estimator(*args, tokens.flatten())
-
-    def sample(self, prompts, *args, **kwargs):
-        """sample() from the student (FSDP2 runs this like forward: see parallel.wrap)."""
-        return sample(self.student, prompts, *args, **kwargs)
+# addmm writing float32 from bfloat16 operands, in place: CUDA has the kernel, the CPU does not
+_ADDMM_F32 = {t: _has_kernel("aten::addmm.dtype_out", t) for t in ("cpu", "cuda")}
 
 # -----------------------------------------------------------------------------
 # Metrics: one answer per question, its verdict and its stated confidence
@@ -655,179 +650,3 @@ def calibration_metrics(correct, confidence):
     return {"accuracy": y.mean().item(), "mean_confidence": c.mean().item(), "ece": float(ece),
             "brier": ((c - y) ** 2).mean().item(), "ocg": (c.mean() - y.mean()).item(),
             "spr": spr, "auroc": auroc, "n": n}
-
-# -----------------------------------------------------------------------------
-# Hugging Face models: the same steps over a transformers causal LM and its own KV cache
-
-def _hf_cache_name(model):
-    # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
-    return _cache_argument(type(model))
-
-@functools.cache  # read once per model class: the decode step asks at every token
-def _cache_argument(cls):
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-def _hf_prefill(model, prompts):
-    """prefill() for a Hugging Face model: each distinct prompt once, left-padded (the mask hides
-    the padding, position ids start at each prompt's start), into the model's KV cache, then a
-    copy for every row. Returns the last prompt token's hidden state (B, C), the cache, the
-    attention mask (B, T) and each row's next position (B,)."""
-    device = output_weight(model).device
-    distinct = {}
-    for p in prompts:
-        distinct.setdefault(tuple(p), len(distinct))
-    rows = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
-    T = max(map(len, distinct))
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in distinct], device=device)  # (U, T)
-    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in distinct], device=device) * mask
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model.base_model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out[_hf_cache_name(model)]
-    cache.batch_select_indices(rows)
-    h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
-    return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
-
-def cache_length(prompt, new):
-    """The static cache's length for prompts of up to `prompt` tokens and `new` new ones: rounded up
-    to 64, so calls of nearby prompt lengths share one compiled step."""
-    return -(-(prompt + new) // 64) * 64
-
-def _hf_step(model, cache, mask, nxt, pos):
-    """One token per row through a Hugging Face model over its static cache -> logits (B, V): the
-    decode step, run eagerly or captured. The logits are F.linear(h, output_weight()), as the model's
-    own head computes them: under autocast the bfloat16 copy of a trainable weight is made once and
-    cached, where one of W.T (a view) would be made at every step (3.5x slower logits on the CPU)."""
-    out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                           use_cache=True, **{_hf_cache_name(model): cache})
-    return F.linear(out.last_hidden_state[:, -1], output_weight(model)).float()
-
-def _hf_decoder(model, prompts, max_new_tokens, compiled=False):
-    """The same for a Hugging Face causal LM: the prompts through _hf_prefill (each distinct one once,
-    left-padded), copied into a static cache (transformers.StaticCache: allocated once for the whole
-    call, in the compute dtype; cache_length), then one token per row per step."""
-    from transformers import StaticCache
-    W = output_weight(model)
-    h0, dynamic, mask, pos = _hf_prefill(model, prompts)  # pos (B,): each row's next position
-    (B, T), L = mask.shape, cache_length(mask.shape[1], max_new_tokens)
-    dtype = dynamic.layers[0].values.dtype
-
-    def make():
-        cache = StaticCache(config=model.config, max_cache_len=L)
-        heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
-        cache.early_initialization(B, list(heads), list(dims), dtype, W.device)
-        # keys and values in the compute dtype: under autocast Qwen3's keys leave its (float32) norm
-        # and rotary embedding in float32 beside bfloat16 values, and attention would cast the whole
-        # key cache at every step
-        update = cache.update
-        cache.update = lambda k, v, *args, **kwargs: update(k.to(dtype), v.to(dtype), *args, **kwargs)
-        return cache
-    # positions after this call's are never read: causality hides them (a kept cache's old values)
-    cache = _kept_cache(model, (B, L, dtype), make) if compiled else make()
-    for s, d in zip(cache.layers, dynamic.layers):
-        s.keys[:, :, :T], s.values[:, :, :T] = d.keys, d.values
-        s.cumulative_length.fill_(T)
-    del dynamic
-    # the positions after the prompt are all visible: causality hides those not yet written
-    mask = torch.cat([mask, mask.new_ones(B, L - T)], 1)
-    step = _step(_hf_step, compiled)
-
-    def decode(nxt):
-        nonlocal pos
-        if nxt is None:
-            return F.linear(h0, W).float()
-        logits = step(model, cache, mask, nxt, pos)
-        pos = pos + 1
-        return logits
-    return decode
-
-def _hf_completion_hidden(model, prompts, completions, x):
-    """completion_hidden for a Hugging Face model: the prompts through _hf_prefill, then the
-    completions x (B, L - 1) on top of the cache. Except under its gradient checkpointing, whose
-    layers drop a KV cache while they train: there every row runs its whole sequence."""
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # per layer
-    if checkpointing and model.training and torch.is_grad_enabled():
-        return whole_sequences_hidden(model, prompts, completions)
-    device, L = x.device, x.shape[1] + 1
-    h0, cache, mask, start = _hf_prefill(model, prompts)
-    if L > 1:  # the completions' right padding needs no mask: causal attention never looks ahead
-        rest = model.base_model(input_ids=x, attention_mask=torch.cat([mask, torch.ones_like(x)], 1),
-                                position_ids=start[:, None] + torch.arange(L - 1, device=device),
-                                use_cache=True, **{_hf_cache_name(model): cache}).last_hidden_state
-    else:
-        rest = h0.new_zeros(len(prompts), 0, h0.shape[-1])
-    return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]
-
-def whole_sequences_hidden(model, prompts, completions):
-    """completion_hidden without a shared prompt: each row's prompt + completion, right-padded."""
-    device, L = output_weight(model).device, max(map(len, completions))
-    seqs = [p + c[:-1] for p, c in zip(prompts, completions)]  # prompts of several lengths: right-pad
-    T = max(map(len, seqs))
-    x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
-    h = hidden_states(model, x)  # (B, T, C); right padding needs no mask: causal attention never looks ahead
-    start = torch.tensor([len(p) - 1 for p in prompts], device=device)  # the state that predicts token 0
-    pos = (start[:, None] + torch.arange(L, device=device)).clamp(max=T - 1)  # (B, L)
-    return h.gather(1, pos[:, :, None].expand(-1, -1, h.shape[-1])), [len(c) for c in completions]
-
-# -----------------------------------------------------------------------------
-# The captured decode step (--compile_decode): speed on a GPU; nothing the method needs
-
-# A decode step is one token per row through every layer: ~1,400 small operations (not counting
-# views) for a Llama of 28 layers, each a kernel launch of a few microseconds on a GPU, against a few
-# milliseconds of arithmetic for a 0.6B model. So the host, not the GPU, sets the pace, unless the
-# step is captured: compiled once (torch.compile) over shapes that never change, a KV cache
-# allocated for the whole call and a position that is a tensor, and on a GPU replayed as one CUDA
-# graph per token. sample() itself reads nothing back per token and draws its random numbers once.
-COMPILED, COMPILE_SECONDS = {}, []  # step function -> its compiled version; each compile's seconds
-
-def _step(fn, compiled):
-    """fn, or fn under torch.compile (one per process, for every model and shape). A call that
-    compiles (the first, and one per new shape: a model, a batch, a cache length) is timed and said."""
-    if not compiled:
-        return fn
-    from torch._dynamo.utils import counters
-    on_gpu = torch.cuda.is_available()
-    if fn not in COMPILED:
-        COMPILED[fn] = torch.compile(fn, mode="reduce-overhead" if on_gpu else None, fullgraph=True)
-    f = COMPILED[fn]
-
-    def step(*args):
-        graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-        out = f(*args)
-        if counters["stats"]["unique_graphs"] != graphs:
-            COMPILE_SECONDS.append(time.perf_counter() - t0)
-            print(f"compiled the rollouts' decode step in {COMPILE_SECONDS[-1]:.0f}s ("
-                  f"{'CUDA graphs' if on_gpu else 'no CUDA graphs on a CPU'}; --compile_decode=false runs it "
-                  f"eagerly)", flush=True)
-        return out
-    return step
-
-# A CUDA graph reads its inputs where it was recorded: a captured step given a new KV cache at every
-# call would be recorded again each time (and after enough times not replayed at all). So the
-# captured step keeps its cache (one per model, the last shape) and each call writes its prompts
-# into it, as transformers' generate keeps its static cache.
-KEPT = weakref.WeakKeyDictionary()  # model -> (shape, its KV cache)
-
-def _kept_cache(model, shape, make):
-    """The KV cache kept for model if it has this shape, else a new one from make(), kept instead."""
-    if model not in KEPT or KEPT[model][0] != shape:
-        KEPT.pop(model, None)  # the old one's memory first
-        KEPT[model] = (shape, make())
-    return KEPT[model][1]
-
-def _gpt_step(model, cache, nxt, pos):
-    """The captured step of our GPT: token nxt (B,) at position pos (a 1-element tensor) -> logits."""
-    return model(nxt[:, None], cache, pos)[:, -1] @ model.wte.weight.T
-
-def _captured_gpt(model, cache, Tp):
-    """The kept cache of our GPT's captured step, with this call's prompt cache (Tp positions) in it.
-    Made with zeros: the step attends to the whole cache, its unwritten part masked (0 x NaN is NaN);
-    later calls leave finite values there, masked alike."""
-    def make():
-        kept = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in cache]
-        for k, v in kept:
-            torch._dynamo.mark_static_address(k), torch._dynamo.mark_static_address(v)
-        return kept
-    kept = _kept_cache(model, (cache[0][0].shape, cache[0][0].dtype), make)
-    for (K, V), (k, v) in zip(kept, cache):
-        K[:, :, :Tp], V[:, :, :Tp] = k[:, :, :Tp], v[:, :, :Tp]
-    return kept

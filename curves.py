@@ -1,14 +1,16 @@
 """
 Training curves from one or more runs' metrics.jsonl, side by side in one PNG: per method, the
 stated confidence against the rollouts' accuracy and P_acc over the steps, and the held-out ECE
-where it was evaluated (common.training_curves; train_small.py draws out_dir/curves.png itself).
+where it was evaluated (report.training_curves; train_small.py draws out_dir/curves.png itself).
 
     python curves.py out/metrics.jsonl                                  # -> curves.png
     python curves.py out/metrics.jsonl seed1/metrics.jsonl --out=both.png
 """
 import sys
 
-import common
+import cli
+import metrics_log
+import report
 
 def main(argv):
     paths, out = [], "curves.png"
@@ -19,16 +21,16 @@ def main(argv):
         if arg.startswith("--out="):
             out = arg[len("--out="):]
         elif arg.startswith("-"):
-            common.die(f"unknown option {arg!r} (the arguments are metrics.jsonl files and --out=PNG)")
+            cli.die(f"unknown option {arg!r} (the arguments are metrics.jsonl files and --out=PNG)")
         else:
             paths.append(arg)
     if not paths:
-        common.die("no metrics.jsonl given: python curves.py out/metrics.jsonl [more ...] [--out=curves.png]")
-    runs = [(path, common.read_metrics(path)) for path in paths]  # every file checked before drawing
+        cli.die("no metrics.jsonl given: python curves.py out/metrics.jsonl [more ...] [--out=curves.png]")
+    runs = [(path, metrics_log.read_metrics(path)) for path in paths]  # every file checked before drawing
     try:
-        common.training_curves(runs, out)
+        report.training_curves(runs, out)
     except OSError as e:
-        common.die(f"--out={out!r} cannot be written: {e.strerror}")
+        cli.die(f"--out={out!r} cannot be written: {e.strerror}")
     print(f"wrote {out}")
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import copy
 import functools
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -38,8 +37,14 @@ import torch
 import torch.nn.functional as F
 
 import caopd
-import common
+import cli
+import hf
+import models
 import parallel
+import questions
+import report
+import run_dir
+import tokenizer
 import toy_base
 import train_small as ts
 from data import arith
@@ -57,7 +62,7 @@ Ks = "2,4,8,16"                       # pacc: rollouts per prompt
 smoothed_Ks = "2"                     # pacc: the K that also run with P_acc = (c + 1) / (K + 2)
 seeds = "0,1"                         # replacements: the training seeds each variant runs with
 # -----------------------------------------------------------------------------
-OWN = common.settings_block(globals(), __file__)
+OWN = cli.settings_block(globals(), __file__)
 # train_small.py settings every experiment starts from (the command line overrides them)
 TRAIN = dict(log_every=10, ckpt_every=10_000)
 # the default question mix, also under --smoke: each experiment builds its own question sets on it
@@ -73,21 +78,22 @@ def configure(**run):
     """(settings, new untrained model, tokenizer) of one run: train_small's defaults, then TRAIN, the
     command line, and this run's own (the thing an experiment varies)."""
     cfg = ts.settings(**{**start(), **CLI, **run})
-    cfg.device = common.resolve_device(cfg.device)
-    cfg.dtype = common.resolve_dtype(cfg.dtype, cfg.device)
+    cfg.device = cli.resolve_device(cfg.device)
+    cfg.dtype = cli.resolve_dtype(cfg.dtype, cfg.device)
     torch.set_num_threads(cfg.threads)
-    model, tok, _, _ = common.load_model(cfg)
+    model, tok, _, _ = models.load_model(cfg)
     return cfg, model, tok
 
 def base_model(**run):
     """The base model of these settings (stage 0, cached): (settings, model, tokenizer, its file's
     name, the default task)."""
     cfg, model, tok = configure(**run)
-    held, sample_train, _ = common.load_task(cfg, tok, None, None)
+    held, sample_train, _ = questions.load_task(cfg, tok, None, None)
     path = toy_base.cached_base(cfg, model, tok, sample_train, cache_dir)
     return cfg, model, tok, os.path.basename(path), (held, sample_train)
 
-CODE = "".join(open(m.__file__).read() for m in (caopd, ts, common, parallel, toy_base, arith))
+CODE = "".join(open(m.__file__).read() for m in (caopd, ts, cli, hf, models, questions, run_dir, tokenizer, parallel,
+                                                   toy_base, arith))
 
 def trained(cfg, tok, start, start_name, method, sample_train, data="+*", estimator="full"):
     """A copy of `start` distilled with `method` on questions `data`, from cache_dir when these
@@ -99,18 +105,18 @@ def trained(cfg, tok, start, start_name, method, sample_train, data="+*", estima
     path = os.path.join(cache_dir, f"{method}-{key}.pt")
     model = copy.deepcopy(start)
     if os.path.exists(path):
-        saved = common.load_checkpoint(path)
+        saved = run_dir.load_checkpoint(path)
         model.load_state_dict(saved["model"])
         print(f"reusing {method} model {path}")
         return model, os.path.basename(path), saved["entropy"]
     log = []
-    ts.distill(cfg, ts.distiller(cfg, model), tok, method, sample_train, common.verify_example, estimator=ESTIMATORS[estimator],
+    ts.distill(cfg, ts.distiller(cfg, model), tok, method, sample_train, questions.verify_example, estimator=ESTIMATORS[estimator],
                on_log=lambda *a: log.append(entropy_stats(tok, *a)))
-    common.write_atomic(path, {"model": model.state_dict(), "settings": settings, "entropy": log}, "wb")
+    run_dir.write_atomic(path, {"model": model.state_dict(), "settings": settings, "entropy": log}, "wb")
     return model, os.path.basename(path), log
 
 def evaluate(cfg, tok, model, name, held):
-    return ts.evaluate(cfg, caopd.Distiller(model, None), tok, name, held, common.verify_example)
+    return ts.evaluate(cfg, caopd.Distiller(model, None), tok, name, held, questions.verify_example)
 
 # -----------------------------------------------------------------------------
 # estimators of the reverse KL and the entropy, for the ablations below
@@ -192,9 +198,9 @@ def entropy_stats(tok, step, model, teacher, prompts, completions, teacher_promp
     h0, _ = caopd.completion_hidden(teacher, prompts, completions)  # the teacher without its context
     counted = torch.arange(hs.shape[1])[None] < torch.tensor(lens)[:, None]  # (B, L)
     tokens = torch.tensor([c + [-1] * (hs.shape[1] - len(c)) for c in completions])  # (B, L)
-    digit_ids = [t for d in "0123456789" for t in common.encode(tok, d)]
+    digit_ids = [t for d in "0123456789" for t in tokenizer.encode(tok, d)]
     parts = {"answer": torch.isin(tokens, torch.tensor(digit_ids)) & counted,
-             "confidence": torch.isin(tokens, torch.tensor(common.confidence_value_ids(tok))) & counted,
+             "confidence": torch.isin(tokens, torch.tensor(tokenizer.confidence_value_ids(tok))) & counted,
              "all": counted}
     row = {"step": step}
     for who, h, w in (("student", hs, caopd.output_weight(model)), ("teacher", ht, caopd.output_weight(teacher)),
@@ -225,7 +231,7 @@ def table(rows, keys, columns=COLUMNS):
 def write(name, result, t0):
     result["seconds"] = round(time.time() - t0, 1)
     result["settings"] = {"experiment": {k: globals()[k] for k in OWN}, "train_small": {**TRAIN, **CLI}}
-    common.write_json(os.path.join(OUT, f"{name}.json"), result)
+    run_dir.write_json(os.path.join(OUT, f"{name}.json"), result)
     print(f"\nwrote {OUT}/{name}.json and {name}.png in {result['seconds']:.0f}s")
 
 def figure(cols, rows=1, size=4.2):
@@ -308,13 +314,13 @@ def ood_sets(data_seed, n_eval):
     multiplications with a 3-digit operand (training's have at most 2; same prompt length).
     "sub": subtractions, an operation never trained (same prompt length)."""
     big = lambda ex, d: max(map(int, re.split(r"[-+*]", ex["id"]))) >= 10 ** (d - 1)
-    sets = {"in_dist": common.arith_task(data_seed, n_eval)[0]}
+    sets = {"in_dist": questions.arith_task(data_seed, n_eval)[0]}
     for name, ops, digits, keep in (("add4", "+", 4, lambda ex: big(ex, 4)), ("mul3", "*", 3, lambda ex: big(ex, 3)),
                                     ("sub", "-", None, lambda ex: True)):
-        drawn = common.arith_task(data_seed, 4 * ood_n, ops, digits, f"--ood_n={ood_n} (4x drawn)")[0]
+        drawn = questions.arith_task(data_seed, 4 * ood_n, ops, digits, f"--ood_n={ood_n} (4x drawn)")[0]
         held = [ex for ex in drawn if keep(ex)][:ood_n]
         if len(held) < ood_n:
-            common.die(f"--ood_n={ood_n}: only {len(held)} {name} questions; lower it")
+            cli.die(f"--ood_n={ood_n}: only {len(held)} {name} questions; lower it")
         sets[name] = held
     return sets
 
@@ -323,13 +329,13 @@ def ood():
     models = {"base": base, **{m: trained(cfg, tok, base, base_name, m, sample_train)[0] for m in METHODS}}
     sets, rows, results = ood_sets(cfg.data_seed, cfg.n_eval), [], {}
     for method, model in models.items():
-        for name, questions in sets.items():
-            m, records = evaluate(cfg, tok, model, method, questions)
+        for name, asked in sets.items():
+            m, records = evaluate(cfg, tok, model, method, asked)
             rows.append({"set": name, "model": method, **m})
             results[f"{method} {name}"] = (m, records)
     rows.sort(key=lambda r: list(sets).index(r["set"]))
     print(table(rows, ["set", "model"]))
-    common.reliability_diagram(results, os.path.join(OUT, "ood.png"), columns=len(sets))
+    report.reliability_diagram(results, os.path.join(OUT, "ood.png"), columns=len(sets))
     return {"rows": rows, "table": table(rows, ["set", "model"]),
             "examples": {name: [ex["question"] for ex in questions[:3]] for name, questions in sets.items()}}
 
@@ -382,8 +388,10 @@ def gradient_noise(cfg, tok, model, sample_train):
     rng, grads = random.Random(cfg.seed + 2), {e: [] for e in ESTIMATORS}
     for b in range(grad_batches):
         exs = sample_train(rng, cfg.prompts_per_step)
-        prompts, completions, teacher_prompts, *_ = ts.rollout_batch(
-            cfg, net, tok, "caopd", exs, common.verify_example, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
+        prompts, sampled = ts.rollouts(cfg, net, tok, exs, 1_000_000 + b, (0, cfg.prompts_per_step * cfg.K))
+        texts = [tokenizer.decode(tok, r) for r in sampled]
+        correct = [questions.verify_example(exs[i // cfg.K], t) for i, t in enumerate(texts)]
+        completions, teacher_prompts, *_ = ts.targets(cfg, tok, "caopd", exs, sampled, texts, correct)
         for e, fn in ESTIMATORS.items():
             model.zero_grad(set_to_none=True)
             ts.kl_backward(cfg, net, prompts, completions, teacher_prompts, fn)
@@ -492,7 +500,7 @@ EXPERIMENTS = {"scaling": scaling, "entropy": entropy_experiment, "ood": ood, "c
                "estimators": estimators, "pacc": pacc, "replacements": replacements}
 
 def show_help():
-    common.print_help(OWN, f"python experiments.py {{{','.join(EXPERIMENTS)},all}} [--key=value ...]",
+    cli.print_help(OWN, f"python experiments.py {{{','.join(EXPERIMENTS)},all}} [--key=value ...]",
                       "\n\n".join(__doc__.strip().split("\n\n")[:2]),
                       also=(f"train_small.py's settings, which every experiment starts from, with TRAIN = {TRAIN} "
                             "instead of its defaults:", {k: v for k, v in ts.SETTINGS.items() if k not in OWN}))
@@ -503,13 +511,13 @@ def main(argv):
         show_help()
         sys.exit(0)
     if not argv or argv[0] not in (*EXPERIMENTS, "all"):
-        common.die(f"the first argument names the experiment: {', '.join(EXPERIMENTS)} or all (--help lists the settings)")
+        cli.die(f"the first argument names the experiment: {', '.join(EXPERIMENTS)} or all (--help lists the settings)")
     names = list(EXPERIMENTS) if argv[0] == "all" else [argv[0]]
-    given = common.parse_overrides(argv[1:], {**OWN, **ts.SETTINGS}, show_help)
+    given = cli.parse_overrides(argv[1:], {**OWN, **ts.SETTINGS}, show_help)
     for key in set(given) & set(OWN):
         globals()[key] = given.pop(key)
     if given.get("init_from", "scratch") != "scratch" or given.get("task", "arith") != "arith":
-        common.die("the experiments run on the toy task: --init_from=scratch --task=arith")
+        cli.die("the experiments run on the toy task: --init_from=scratch --task=arith")
     CLI.update(given)
     cfg = ts.settings(**{**start(), **CLI})  # check the command line before anything runs
     if "ood" in names:
@@ -518,10 +526,10 @@ def main(argv):
     for name in names:
         t0 = time.time()
         OUT = CLI["out_dir"] = out_dir or os.path.join("out", "experiments", name)  # checkpoints go there too
-        common.take_out_dir(OUT)
+        run_dir.take_out_dir(OUT)
         print(f"\n=== {name} -> {OUT}")
         write(name, EXPERIMENTS[name](), t0)
-        common.release_out_dir()
+        run_dir.release_out_dir()
 
 if __name__ == "__main__":
     main(sys.argv[1:])

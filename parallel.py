@@ -39,17 +39,13 @@ def close():
     if WORLD > 1:
         dist.destroy_process_group()
 
-def barrier():
-    if WORLD > 1:
-        dist.barrier()
-
-def all_mean(values, device):
-    """The mean over the processes of a list of floats, reduced as one float64 tensor on `device`."""
+def all_mean(stats, device):
+    """The mean over the processes of {name: float}, reduced as one float64 tensor on `device`."""
     if WORLD == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+        return dict(stats)
+    t = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return (t / WORLD).tolist()
+    return dict(zip(stats, (t / WORLD).tolist()))
 
 def gather(items):
     """Each process's list -> their concatenation in rank order, on rank 0 (None elsewhere)."""

@@ -15,8 +15,16 @@ import torch.nn.functional as F
 
 import bench
 import caopd
-import common
+import captured as captured_step
+import cli
 import experiments
+import hf
+import memory
+import metrics_log
+import models
+import questions
+import report
+import tokenizer
 import toy_base
 from data import arith, tasks
 from data.science import prepare as science
@@ -60,13 +68,12 @@ def test_metrics_bin_edges():
     assert caopd.calibration_metrics([1, 0], [0.7, 0.79])["ece"] == pytest.approx(abs(0.745 - 0.5), rel=0, abs=1e-12)
 
 def test_ece_floor_is_the_ece_of_calibrated_draws():
-    import common
     c = torch.tensor([i % 11 / 10 for i in range(997)], dtype=torch.float64)
     y = torch.rand(200, len(c), generator=torch.Generator().manual_seed(0), dtype=torch.float64) < c  # the same draws
     eces = torch.tensor([caopd.calibration_metrics(y[r].double(), c)["ece"] for r in range(200)], dtype=torch.float64)
-    mean, sd = common.ece_floor(c.tolist())
+    mean, sd = report.ece_floor(c.tolist())
     assert mean == pytest.approx(eces.mean().item(), rel=0, abs=1e-12) and sd == pytest.approx(eces.std().item(), abs=1e-12)
-    assert common.ece_floor([0.0, 1.0] * 50) == (0.0, 0.0)  # a calibrated model saying only 0 or 1 is never off
+    assert report.ece_floor([0.0, 1.0] * 50) == (0.0, 0.0)  # a calibrated model saying only 0 or 1 is never off
 
 def test_metrics_match_exact_rational_arithmetic():
     """1,001 answers at random tenths: each metric against exact fractions, to 1e-12 (a count / n in
@@ -170,10 +177,10 @@ def test_fused_float32_at_qwen_vocab_is_as_exact_as_unfused():
         assert err_f <= 1.5 * err_u + 1e-12, (err_f, err_u)
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(teacher_hidden=torch.randn(5, 6)), "differ in N"),
-    (dict(teacher_weight=torch.randn(49, 6)), "differ in V"),
-    (dict(mask=torch.ones(36)), "mask must have shape"),
-    (dict(student_hidden=torch.ones(37, 8, dtype=torch.long)), "student_hidden must be a 2-D floating"),
+    (dict(teacher_hidden=torch.randn(5, 6)), r"want 2-D .* teacher_hidden \(5, 6\)"),
+    (dict(teacher_weight=torch.randn(49, 6)), r"teacher_weight \(49, 6\)"),
+    (dict(mask=torch.ones(36)), r"mask \(36,\)"),
+    (dict(student_hidden=torch.ones(37, 8, dtype=torch.long)), r"student_hidden \(37, 8\) torch.int64"),
     (dict(kind="kl"), "kind must be"),
     (dict(beta=1.5), "beta must be in"),
 ])
@@ -252,6 +259,14 @@ def test_confidence_values_are_single_tokens():
 EX = {"id": "017+305", "question": "Solve 017+305 and end with your confidence.", "answer": 322,
       "reference": "Answer: 322", "kind": "add"}
 
+def test_a_beta_prior_estimator_and_the_stated_decimals():
+    """What empirical_confidence's docstring says: the target is P_acc rounded to the stated digits, so
+    with K = 8 and the toy's one decimal a Beta(2, 2) prior gives c = 0 and c = 1 the same target."""
+    beta = lambda correct: (sum(correct) + 2) / (len(correct) + 4)
+    said = [caopd.set_confidence("Answer: 1", beta([1] * c + [0] * (8 - c)), 1) for c in (0, 1, 2)]
+    assert said == ["Answer: 1\nConfidence: 0.2", "Answer: 1\nConfidence: 0.2", "Answer: 1\nConfidence: 0.3"]
+    assert caopd.set_confidence("", beta([0] * 8), 2) != caopd.set_confidence("", beta([1] + [0] * 7), 2)  # X.XX
+
 def test_the_three_replacements_on_a_real_toy_prompt():
     rollouts, correct = ["Answer: 322\nConfidence: 0.9"] * 8, [1, 0, 0, 1, 0, 1, 0, 0]
     completions, context, p_acc = caopd.distillation_targets("caopd", rollouts, correct, EX["reference"], "demo",
@@ -259,7 +274,7 @@ def test_the_three_replacements_on_a_real_toy_prompt():
     assert p_acc == 0.375
     assert completions == ["Answer: 322\nConfidence: 0.4"] * 8  # a. the student completion
     same, opd_context, _ = caopd.distillation_targets("opd", rollouts, correct, EX["reference"], "demo", arith.DECIMALS)
-    assert same is rollouts  # plain OPD trains on its rollouts as sampled
+    assert same == rollouts  # plain OPD trains on its rollouts as sampled
     opd = caopd.teacher_prompt(EX["question"], arith.DECIMALS, **opd_context)
     ca = caopd.teacher_prompt(EX["question"], arith.DECIMALS, **context)
     assert opd == ("Solve 017+305 and end with your confidence.\nThis is an example for a response to the question:\n"
@@ -281,7 +296,7 @@ def test_each_replacement_alone_and_left_out(parts):
     if "a" in parts:
         assert completions == ["Answer: 322\nConfidence: 0.5", "Answer: 321\nConfidence: 0.5"]
     else:
-        assert completions is rollouts
+        assert completions == rollouts
     assert context == dict(template="demo", solution=EX["reference"], confidence=0.5 if "b" in parts else 1.0,
                            note=0.5 if "c" in parts else None)
 
@@ -307,6 +322,16 @@ def test_set_confidence_without_a_confidence_line():
     assert caopd.set_confidence("Answer: 3\nConfidence: 0.9 Confidence: 0.1", 0.5, 1) == "Answer: 3\nConfidence: 0.5"
     assert caopd.set_confidence("", 1.0, 2) == "Confidence: 1.00"
 
+def rollout_batch(cfg, net, tok, method, exs, verify, step, rows):
+    """Steps 1-3 of train_small's distillation step: (prompts, completions, teacher prompts, texts,
+    verdicts, P_acc per question, sampled tokens)."""
+    import train_small
+    prompts, sampled = train_small.rollouts(cfg, net, tok, exs, step, rows)
+    texts = [tokenizer.decode(tok, r) for r in sampled]
+    correct = [verify(exs[i // cfg.K], t) for i, t in enumerate(texts)]
+    completions, teacher_prompts, p_acc, _ = train_small.targets(cfg, tok, method, exs, sampled, texts, correct)
+    return prompts, completions, teacher_prompts, texts, correct, p_acc, sum(map(len, sampled))
+
 def _tiny_model(seed=0):
     torch.manual_seed(seed)
     return caopd.GPT(caopd.GPTConfig(vocab_size=ENC.n_vocab, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
@@ -315,7 +340,7 @@ def test_kv_cache_sampling_equals_full_forward_greedy():
     model = _tiny_model()
     prompts = [ENC.encode((arith.QUESTION.format(a=a, op="+", b=b) + "\n")) for a, b in [(1, 2), (34, 5), (999, 0)]]
     with_cache = caopd.sample(model, prompts, 20, ENC.eot_token, temperature=0)
-    without = caopd.sample(model, prompts, 20, ENC.eot_token, temperature=0, use_cache=False)
+    without = caopd.sample(model, prompts, 20, ENC.eot_token, temperature=0, decoder=bench.full_forward_decoder)
     assert with_cache == without and all(len(c) == 20 for c in with_cache)  # random weights: no early END
     # and the cached hidden state of every new token equals the full forward's
     seq = torch.tensor([prompts[0] + with_cache[0]])
@@ -431,7 +456,7 @@ def test_caopd_rollout_with_a_markdown_label_is_reencoded_with_one_confidence_li
     said = ["Answer: 0322\n**confidence:** 0.9", "Answer: 0321\nConfidence: **0.2**."]  # right, wrong: P_acc 0.5
     monkeypatch.setattr(caopd, "sample", lambda *a, **k: [ENC.encode(t) + [ENC.eot_token] for t in said])
     verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
-    _, completions, teacher_prompts, texts, correct, p_acc, sampled = train_small.rollout_batch(
+    _, completions, teacher_prompts, texts, correct, p_acc, sampled = rollout_batch(
         cfg, caopd.Distiller(None, None), ENC, "caopd", [ex], verify, 0, (0, 2))
     assert texts == said and correct == [True, False] and p_acc == [0.5]
     assert sampled == sum(len(ENC.encode(t)) + 1 for t in said)  # the sampled tokens, end tokens included
@@ -907,13 +932,13 @@ def test_a_second_run_into_a_locked_out_dir_is_refused(tmp_path, capsys):
     assert f"--out_dir='{out}' is in use by the run of process 4242" in err
     assert [p.name for p in out.iterdir()] == ["lock"]  # nothing written
 
-# metrics.jsonl of a --smoke run: stage 0 prints every base_steps // 5 steps and its last; each method every
-# log_every = 2 steps and its last; then each model's final evaluation
+# metrics.jsonl of a --smoke run: every stage prints every log_every = 8 steps and its last; then each
+# model's final evaluation
 SMOKE_LINES = [*(("train", "base", s) for s in (0, 8, 16, 24, 32, 39)), ("eval", "base", 40),
-               *(x for m in ("opd", "caopd") for x in [*(("train", m, s) for s in (0, 2, 3)), ("eval", m, 4)])]
+               *(x for m in ("opd", "caopd") for x in [*(("train", m, s) for s in (0, 3)), ("eval", m, 4)])]
 COMMON_FIELDS = {"kind", "stage", "method", "step", "time", "peak_memory_mib"}
 BASE_FIELDS = COMMON_FIELDS | {"loss", "lr", "grad_norm", "train_tokens_per_s"}
-TRAIN_FIELDS = BASE_FIELDS | {"rollout_accuracy", "p_acc", "stated_confidence", "format_rate", "skipped",
+TRAIN_FIELDS = BASE_FIELDS | {"rollout_accuracy", "p_acc", "stated_confidence", "teacher_shown", "format_rate", "skipped",
                               "rollout_tokens_per_s"}
 EVAL_FIELDS = COMMON_FIELDS | {"final"}  # and the held-out metrics of results.json
 UNTIMED = ("time", "peak_memory_mib", "rollout_tokens_per_s", "train_tokens_per_s")  # differ from run to run
@@ -958,7 +983,9 @@ def test_smoke_run_end_to_end(tmp_path):
             assert x["method"] == x["stage"] and x["rollout_tokens_per_s"] > 0 and x["skipped"] == 0
             assert f"{x['stage']:5s} step {x['step']:4d} | reverse KL {x['loss']:.4f} | rollout acc " \
                    f"{x['rollout_accuracy']:.3f} | P_acc {x['p_acc']:.3f} | stated conf " \
-                   f"{x['stated_confidence']:.3f} | format {x['format_rate']:.2f}" in r.stdout
+                   f"{x['stated_confidence']:.3f} | teacher shown {x['teacher_shown']:.3f} | format " \
+                   f"{x['format_rate']:.2f}" in r.stdout
+            assert x["teacher_shown"] == (1.0 if x["stage"] == "opd" else x["p_acc"])  # the change, in every line
     times = [x["time"] for x in _metrics(out, timed=True, file_order=True)]
     assert times == sorted(times)
     assert "opd   step" in r.stdout and "caopd step" in r.stdout
@@ -967,7 +994,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert r.stdout.count("base step") <= 6 and "checkpoint: base" not in r.stdout  # stage 0 prints a few lines
     # the methods train differently: their steps' losses and their weights differ
     kl = {m: [l.split("|")[1] for l in r.stdout.splitlines() if l.startswith(f"{m:5s} step")] for m in ("opd", "caopd")}
-    assert kl["opd"] != kl["caopd"] and len(kl["opd"]) == 3
+    assert kl["opd"] != kl["caopd"] and len(kl["opd"]) == 2
     opd, ca = (torch.load(out / f"{m}.pt", weights_only=True)["model"] for m in ("opd", "caopd"))
     assert max((opd[k] - ca[k]).abs().max().item() for k in opd) > 1e-4
     # the base model is cached: a second run reuses it
@@ -984,13 +1011,13 @@ def test_smoke_questions_exercise_p_acc_and_the_correct_solution(tmp_path):
     import random
     import train_small
     cfg = train_small.settings(smoke=True, teacher_context="correct_solution", out_dir=str(tmp_path), device="cpu")
-    base, tok, context, _ = common.load_model(cfg)
-    held, sample_train, verify = common.load_task(cfg, tok, None, context)
+    base, tok, context, _ = models.load_model(cfg)
+    held, sample_train, verify = questions.load_task(cfg, tok, None, context)
     toy_base.cached_base(cfg, base, tok, sample_train, str(tmp_path))
     net, rng, p_acc, shown = train_small.distiller(cfg, base), random.Random(cfg.seed + 1), [], []
     for step in range(cfg.steps):  # distill's questions and rollouts
         exs = sample_train(rng, cfg.prompts_per_step)
-        *_, texts, correct, p, _ = train_small.rollout_batch(cfg, net, tok, "caopd", exs, verify, step,
+        *_, texts, correct, p, _ = rollout_batch(cfg, net, tok, "caopd", exs, verify, step,
                                                              (0, cfg.prompts_per_step * cfg.K))
         p_acc += p
         for g, ex in enumerate(exs):
@@ -1105,7 +1132,7 @@ def test_a_resumed_run_keeps_the_lines_before_its_checkpoint():
         lines += [{"kind": "eval", "stage": m, "step": 8, "final": True}]
     def kept(stage, step, **more):
         return [(x["kind"], x["stage"], x["step"]) for x in lines
-                if train_small.kept_on_resume(x, ["base", "opd", "caopd"], {stage: step, **more})]
+                if metrics_log.kept_on_resume(x, ["base", "opd", "caopd"], {stage: step, **more})]
     assert kept("base", 8) == [("train", "base", 0)]  # stage 0 goes on from step 8
     # OPD from step 4: its steps before 4 and the evaluation at 4 (before the checkpoint); the base's evaluation
     assert kept("opd", 4) == [("train", "base", 0), ("train", "base", 8), ("eval", "base", 10),
@@ -1307,7 +1334,7 @@ def _wandb_history(out):
     return history, config, run
 
 def _tracked(record):
-    """A metrics.jsonl line as the history row common.metrics_log sends."""
+    """A metrics.jsonl line as the history row metrics_log.metrics_log sends."""
     return {f"{record['kind']}/{record['stage']}/{k}": v for k, v in record.items() if v is not None
             and not isinstance(v, str)}
 
@@ -1456,29 +1483,29 @@ def test_enable_thinking_reaches_the_template_for_student_and_teacher(tmp_path):
     _tiny_hf(tmp_path / "thinking", chat_template=THINKING)
     _tiny_hf(tmp_path / "chatml")
     tok, plain = AutoTokenizer.from_pretrained(tmp_path / "thinking"), AutoTokenizer.from_pretrained(tmp_path / "chatml")
-    assert common.template_reads(tok, "enable_thinking") and not common.template_reads(plain, "enable_thinking")
-    assert not common.template_reads(ENC, "enable_thinking")  # the toy has no template
+    assert tokenizer.template_reads(tok, "enable_thinking") and not tokenizer.template_reads(plain, "enable_thinking")
+    assert not tokenizer.template_reads(ENC, "enable_thinking")  # the toy has no template
     ex = {"messages": [{"role": "user", "content": "Which element is Na?"}]}
     tail = {"default": "<|im_start|>assistant\n", "false": "<|im_start|>assistant\n<think>\n\n</think>\n\n",
             "true": "<|im_start|>assistant\n<think>\n"}
     for value, end in tail.items():
-        student = tok.decode(common.student_tokens(tok, ex, value))
-        teacher = tok.decode(common.teacher_tokens(tok, ex, dict(template="demo", solution="Sodium.\nConfidence: 0.9",
+        student = tok.decode(tokenizer.student_tokens(tok, ex, value))
+        teacher = tok.decode(tokenizer.teacher_tokens(tok, ex, dict(template="demo", solution="Sodium.\nConfidence: 0.9",
                                                                    confidence=0.5, note=0.5), value))
         assert student == "<|im_start|>user\nWhich element is Na?<|im_end|>\n" + end
         assert teacher.startswith("<|im_start|>user\nWhich element is Na?\nThis is an example") and teacher.endswith(
             "Now answer with a response of your own.\n<|im_end|>\n" + end)
         # a template that never reads it renders the same whatever the value
-        assert plain.decode(common.student_tokens(plain, ex, value)) == student.replace(end, tail["default"])
+        assert plain.decode(tokenizer.student_tokens(plain, ex, value)) == student.replace(end, tail["default"])
 
 def test_enable_thinking_in_a_run_and_ignored_once_where_unused(tmp_path, monkeypatch, capsys):
     import train_small
     _tiny_hf(tmp_path / "thinking", chat_template=THINKING)
     fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
     seen = []  # every prompt of the run: rollouts, student and teacher forward passes, evaluation
-    sample, hidden = caopd.sample, caopd.completion_hidden
+    sample, hidden = caopd.sample, hf.completion_hidden
     monkeypatch.setattr(caopd, "sample", lambda model, prompts, *a, **k: seen.extend(prompts) or sample(model, prompts, *a, **k))
-    monkeypatch.setattr(caopd, "completion_hidden", lambda model, prompts, c: seen.extend(prompts) or hidden(model, prompts, c))
+    monkeypatch.setattr(hf, "completion_hidden", lambda model, prompts, c: seen.extend(prompts) or hidden(model, prompts, c))
     train_small.main([f"--init_from={tmp_path / 'thinking'}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
                       *HF_RUN, "--steps=1", "--n_eval=2", "--method=caopd", "--teacher_context=correct_solution",
                       "--enable_thinking=false", f"--out_dir={tmp_path / 'out'}"])
@@ -1502,7 +1529,7 @@ def test_hf_sampler_matches_a_full_forward_with_left_padding(tiny_hf):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]  # two lengths: the second is left-padded
-    out = caopd.sample(model, prompts, 6, end_id=2, temperature=0)
+    out = caopd.sample(model, prompts, 6, end_id=2, temperature=0, decoder=hf.decoder)
     for p, o in zip(prompts, out):
         seq = list(p)
         for t in o:  # greedy, one token at a time, no cache, no padding
@@ -1570,7 +1597,7 @@ def test_hf_prompt_cache_gives_the_states_of_whole_sequences(exact_rmsnorm):
     model = _hf_double()
     ref = _rows_one_by_one(model)
     g_ref = _grads(model, ref)
-    h, lens = caopd.completion_hidden(model, PROMPTS, COMPLETIONS)  # each distinct prompt once, into a cache
+    h, lens = hf.completion_hidden(model, PROMPTS, COMPLETIONS)  # each distinct prompt once, into a cache
     ours = [h[i, :n] for i, n in enumerate(lens)]
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -1580,7 +1607,8 @@ def test_hf_prompt_cache_gives_the_states_of_whole_sequences(exact_rmsnorm):
 def _kl_grads(cfg, model, teacher, prompts, completions, teacher_prompts):
     import train_small
     model.zero_grad()
-    loss = train_small.kl_backward(cfg, caopd.Distiller(model, teacher), prompts, completions, teacher_prompts)
+    loss = train_small.kl_backward(cfg, caopd.Distiller(model, teacher, **models.seams(model)), prompts, completions,
+                                   teacher_prompts)
     return loss.item(), [p.grad.clone() for p in model.parameters()]
 
 @pytest.mark.parametrize("hf", [False, True])
@@ -1629,8 +1657,8 @@ def test_a_divergence_without_a_fused_kernel_asks_for_the_plain_loss(monkeypatch
 def test_a_new_template_changes_no_token_of_the_toy_nor_its_base(monkeypatch, tmp_path, capsys):
     import train_small
     cfg = train_small.settings(smoke=True, out_dir=str(tmp_path), device="cpu")
-    base, tok, context, _ = common.load_model(cfg)
-    held, sample_train, _ = common.load_task(cfg, tok, None, context)
+    base, tok, context, _ = models.load_model(cfg)
+    held, sample_train, _ = questions.load_task(cfg, tok, None, context)
     path = toy_base.cached_base(cfg, base, tok, sample_train, str(tmp_path))
     before = caopd.toy_tokenizer(arith.VOCAB_TEXT)
     monkeypatch.setitem(caopd.TEMPLATES, "mine", "{question}\nAn entirely new context word:\n{solution}\n{note}Go.\n")
@@ -1649,9 +1677,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf, exact_rmsnorm):
     prompts = PROMPTS if hf else [p[:3] for p in PROMPTS]
     args = (model, teacher, prompts, COMPLETIONS, [p + [60] for p in prompts])
     plain = _kl_grads(train_small.settings(), *args)
-    common.set_grad_checkpoint(model, True)
+    models.set_grad_checkpoint(model, True)
     checked = _kl_grads(train_small.settings(grad_checkpoint=True, micro_batch=4), *args)
-    common.set_grad_checkpoint(model, False)
+    models.set_grad_checkpoint(model, False)
     assert checked[0] == pytest.approx(plain[0], rel=1e-12)
     for a, b in zip(checked[1], plain[1]):  # HF under checkpointing runs whole sequences, not the prompt cache
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
@@ -1662,7 +1690,7 @@ def test_rollouts_in_several_calls_are_the_same_rollouts():
     held, sample_train = arith.split(0, 10)
     exs = held[:5]
     verify = lambda ex, text: caopd.verify_arith(ex["answer"], text)
-    runs = [train_small.rollout_batch(train_small.settings(rollout_batch=mb, temperature=1.0), caopd.Distiller(model, None),
+    runs = [rollout_batch(train_small.settings(rollout_batch=mb, temperature=1.0), caopd.Distiller(model, None),
                                       tok, "caopd", exs,
                                       verify, 7, (0, 40)) for mb in (0, 3, 8)]
     for r in runs[1:]:
@@ -1719,13 +1747,12 @@ def test_bad_real_model_settings(tmp_path, capsys, monkeypatch):
                        ("--export_dtype=int8", "--export_dtype='int8'")):
         code, _, err = _main(capsys, arg, f"--out_dir={tmp_path / 'out'}")
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1
-    import common
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     with pytest.raises(SystemExit) as e:
-        common.resolve_dtype("bfloat16", "cuda")
+        cli.resolve_dtype("bfloat16", "cuda")
     assert e.value.code == 2 and "--dtype='bfloat16': this GPU (Tesla T4) has no bfloat16" in capsys.readouterr().err
-    assert common.resolve_dtype("auto", "cuda") == "float32" and common.resolve_dtype("auto", "cpu") == "float32"
+    assert cli.resolve_dtype("auto", "cuda") == "float32" and cli.resolve_dtype("auto", "cpu") == "float32"
     _tiny_hf(tmp_path / "m")
     from transformers.models.qwen3 import modeling_qwen3
     monkeypatch.setattr(modeling_qwen3.Qwen3PreTrainedModel, "supports_gradient_checkpointing", False)
@@ -1788,14 +1815,14 @@ def parallel_worker(model_dir, out, cases):
                                    micro_batch=micro_batch, grad_checkpoint=grad_checkpoint, ema_rate=ema_rate,
                                    fsdp=fsdp and parallel.WORLD > 1,
                                    out_dir=out, ckpt_every=100, device=device, dtype="float32", export_dtype="float32")
-        files = common.read_task_files(cfg)
-        model, tok, context, _ = common.load_model(cfg, torch.float64)
-        held, sample_train, verify = common.load_task(cfg, tok, files, context)
+        files = questions.read_task_files(cfg)
+        model, tok, context, _ = models.load_model(cfg, torch.float64)
+        held, sample_train, verify = questions.load_task(cfg, tok, files, context)
         net = train_small.distiller(cfg, model)
         n = cfg.prompts_per_step // parallel.WORLD
         exs = sample_train(random.Random(5), cfg.prompts_per_step)[parallel.RANK * n:parallel.RANK * n + n]
-        common.set_grad_checkpoint(model, cfg.grad_checkpoint)
-        prompts, completions, teacher_prompts, texts, *_ = train_small.rollout_batch(
+        models.set_grad_checkpoint(model, cfg.grad_checkpoint)
+        prompts, completions, teacher_prompts, texts, *_ = rollout_batch(
             cfg, net, tok, "caopd", exs, verify, 0, (parallel.RANK * n * cfg.K, cfg.prompts_per_step * cfg.K))
         train_small.kl_backward(cfg, net, prompts, completions, teacher_prompts)
         grads = {k: parallel.local_norm(p.grad).clone() for k, p in model.named_parameters()}  # whole (gathered)
@@ -2030,8 +2057,8 @@ def test_a_calls_uniforms_drawn_at_once_are_those_drawn_token_by_token():
     prompts = [ENC.encode(arith.QUESTION.format(a=a, op="+", b=b) + "\n") for a, b in [(10, 20), (34, 55), (99, 12)] * 2]
     want = _sample_token_by_token(model, prompts, 14, ENC.eot_token, 1.0, seed=3)
     whole = caopd.sample(model, prompts, 14, ENC.eot_token, 1.0, generator=torch.Generator().manual_seed(3))
-    halves = [caopd.sample(model, prompts[a:a + 3], 14, ENC.eot_token, 1.0, generator=torch.Generator().manual_seed(3),
-                           rows=(a, 6)) for a in (0, 3)]
+    u = torch.rand(14, 6, 1, generator=torch.Generator().manual_seed(3))  # the whole batch's, as train_small draws them
+    halves = [caopd.sample(model, prompts[a:a + 3], 14, ENC.eot_token, 1.0, uniforms=u[:, a:a + 3]) for a in (0, 3)]
     assert whole == want == halves[0] + halves[1]
     assert len({tuple(c) for c in want}) == 6  # the rows' draws differ
 
@@ -2054,7 +2081,7 @@ def test_the_finish_is_read_every_eight_tokens_not_every_token():
 def test_our_gpts_captured_decode_step_equals_the_eager_one(capsys):
     model = _tiny_model()
     prompts = [ENC.encode(arith.QUESTION.format(a=a, op="*", b=b) + "\n") for a, b in [(12, 3), (45, 67), (8, 91)]]
-    eager, captured = (caopd._gpt_decoder(model, prompts, 12, True, compiled=c) for c in (False, True))
+    eager, captured = (d(model, prompts, 12) for d in (caopd.gpt_decoder, captured_step.gpt_decoder))
     a, b, worst = eager(None), captured(None), 0.0
     for _ in range(11):
         nxt = a.argmax(-1)
@@ -2064,11 +2091,11 @@ def test_our_gpts_captured_decode_step_equals_the_eager_one(capsys):
     for temperature in (0.0, 1.0):
         want = caopd.sample(model, prompts, 12, ENC.eot_token, temperature, generator=torch.Generator().manual_seed(1))
         got = caopd.sample(model, prompts, 12, ENC.eot_token, temperature, generator=torch.Generator().manual_seed(1),
-                           compiled=True)
+                           decoder=captured_step.decoder(model))
         assert got == want
     # compiled once for these shapes, not per call; a new cache length compiles again, and says so
     assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
-    caopd.sample(model, prompts, 16, ENC.eot_token, 0.0, compiled=True)
+    caopd.sample(model, prompts, 16, ENC.eot_token, 0.0, decoder=captured_step.decoder(model))
     assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
 
 def _cache_of(decode):
@@ -2086,22 +2113,23 @@ def test_hugging_face_static_cache_and_captured_step(tiny_hf, capsys):
                                pad_token_id=0)[:, T:].tolist()
     end = 1  # a token these rows never emit (checked): every row runs all 20 steps
     assert all(end not in g for g in generated)
-    assert caopd.sample(model, prompts, new, end, temperature=0) == generated  # the static cache, eagerly
-    assert caopd.sample(model, prompts, new, end, temperature=0, compiled=True) == generated
+    captured = captured_step.decoder(model)
+    assert caopd.sample(model, prompts, new, end, temperature=0, decoder=hf.decoder) == generated  # static cache, eager
+    assert caopd.sample(model, prompts, new, end, temperature=0, decoder=captured) == generated
     # the captured step keeps its cache (a CUDA graph reads it in place): other prompts of the same shape
     # write theirs into it, and what the last call left after them is never read
-    kept = caopd.KEPT[model][1]
+    kept = captured_step.KEPT[model][1]
     other = [[p + 20 for p in prompt] for prompt in prompts]
     ids2 = torch.tensor([[0] * (T - len(p)) + p for p in other])
     want = model.generate(ids2, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
                           pad_token_id=0)[:, T:].tolist()
-    assert caopd.sample(model, other, new, end, temperature=0, compiled=True) == want != generated
-    assert caopd.KEPT[model][1] is kept
-    sampled = [caopd.sample(model, prompts, new, end, 1.0, generator=torch.Generator().manual_seed(2), compiled=c)
-               for c in (False, True)]
+    assert caopd.sample(model, other, new, end, temperature=0, decoder=captured) == want != generated
+    assert captured_step.KEPT[model][1] is kept
+    sampled = [caopd.sample(model, prompts, new, end, 1.0, generator=torch.Generator().manual_seed(2), decoder=d)
+               for d in (hf.decoder, captured)]
     assert sampled[0] == sampled[1] and sampled[0][1] != sampled[0][2]  # same uniforms; the shared prompt's rows differ
     # the captured step's logits are the eager step's, and a full forward's, to float32 rounding
-    eager, captured = (caopd._hf_decoder(model, prompts, new, compiled=c) for c in (False, True))
+    eager, captured = (d(model, prompts, new) for d in (hf.decoder, captured))
     a, b, worst = eager(None), captured(None), 0.0
     for t in range(new - 1):
         nxt = torch.tensor([g[t] for g in generated])
@@ -2112,23 +2140,23 @@ def test_hugging_face_static_cache_and_captured_step(tiny_hf, capsys):
     assert worst < 1e-5, worst
     assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
     # the cache: one allocation for the call (its length rounded up to 64), in the compute dtype, as
-    # common.kv_bytes counts it
+    # memory.kv_bytes counts it
     for dtype, ctx in ((torch.float32, contextlib.nullcontext()), (torch.bfloat16, torch.autocast("cpu", torch.bfloat16))):
         with ctx:
-            cache = _cache_of(caopd._hf_decoder(model, prompts, new))
+            cache = _cache_of(hf.decoder(model, prompts, new))
         tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         assert {t.dtype for t in tensors} == {dtype} and {t.shape[2] for t in tensors} == {64}
-        assert sum(t.nbytes for t in tensors) == len(prompts) * 64 * common.kv_bytes(model, dtype)
-        assert common.sampling_bytes(model, T, new, dtype) > 64 * common.kv_bytes(model, dtype)
+        assert sum(t.nbytes for t in tensors) == len(prompts) * 64 * memory.kv_bytes(model, dtype)
+        assert memory.sampling_bytes(model, T, new, dtype) > 64 * memory.kv_bytes(model, dtype)
 
 def _free(monkeypatch, rows, per_row=2**20):
-    """common.free_memory that leaves room for `rows` rows of per_row bytes beyond the toy's stage 1
-    training state (see common.fit_batches)."""
+    """memory.free_memory that leaves room for `rows` rows of per_row bytes beyond the toy's stage 1
+    training state (see memory.fit_batches)."""
     import train_small
     model = caopd.GPT(caopd.GPTConfig(vocab_size=ENC.n_vocab, block_size=train_small.block_size))
     params = sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(common, "sampling_bytes", lambda *a: per_row)
-    monkeypatch.setattr(common, "free_memory", lambda device: 16 * params + (rows + 0.5) * per_row / 0.9)
+    monkeypatch.setattr(memory, "sampling_bytes", lambda *a: per_row)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 16 * params + (rows + 0.5) * per_row / 0.9)
 
 def test_eval_and_rollout_batches_that_do_not_fit(tmp_path, capsys, monkeypatch):
     import train_small
@@ -2157,5 +2185,6 @@ def test_the_loss_chunk_is_sized_for_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 4 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
-    assert caopd.loss_chunk(100_000, 128_256, torch.device("cuda")) == (63 * 2**30 // 8) // (12 * 128_256) == 5_494
-    assert caopd.loss_chunk(4_096, 128_256, torch.device("cuda")) == 4_096
+    assert memory.loss_chunk(100_000, 128_256, torch.device("cuda")) == (63 * 2**30 // 8) // (12 * 128_256) == 5_494
+    assert memory.loss_chunk(4_096, 128_256, torch.device("cuda")) == 4_096
+    assert memory.loss_chunk(10_000, 151_936, cpu) == caopd.loss_chunk(10_000, 151_936, cpu)

@@ -25,9 +25,12 @@ import torch
 from tqdm import tqdm
 
 import caopd
-import common
+import cli
+import parallel
+import run_dir
+import tokenizer
 from data import arith
-from common import encode, student_tokens, teacher_tokens
+from tokenizer import encode, student_tokens, teacher_tokens
 
 # The teacher contexts the base learns to read: the paper's two. A template added to caopd.TEMPLATES
 # later is not among them, so it changes neither the base nor its cache key (and the toy's teacher
@@ -52,7 +55,7 @@ def base_batch_rows(cfg, tok, rng, sample_train):
     the teacher must state the Note's value after a wrong rollout too. Otherwise it learns to grade
     each rollout against the demonstration (1.0 if it matches, 0.0 if not), information the
     student never has, and CaOPD's student learns to say 1.0 or 0.0 instead of P_acc."""
-    rows, places = [], common.decimals(tok)
+    rows, places = [], tokenizer.decimals(tok)
     for ex in sample_train(rng, cfg.base_batch):
         answer, way, soft = ex["reference"], None, None
         if rng.random() < 2 / 3:
@@ -69,7 +72,7 @@ def base_batch_rows(cfg, tok, rng, sample_train):
         if way == 2 and rng.random() < 0.5:  # a near miss: one digit off
             answer = f"Answer: {(ex['answer'] + rng.choice((-1, 1)) * 10 ** rng.randrange(4)) % 10000:04d}"
             skip = len(encode(tok, answer + "\n"))
-        tokens = encode(tok, caopd.set_confidence(answer, target, places)) + [common.end_id(tok)]
+        tokens = encode(tok, caopd.set_confidence(answer, target, places)) + [tokenizer.end_id(tok)]
         targets = [-1] * skip + tokens[skip:]
         if soft is not None:
             targets[-2] = -1  # the confidence token: trained toward the soft target instead
@@ -93,14 +96,14 @@ def soft_confidence_loss(logq, shown, sigma, shape):
     return -(parabola.softmax(-1) * logq).sum() + shape * error.pow(2).mean(1).sum()
 
 def train_base(cfg, model, tok, sample_train, ck=None, log=None):
-    """The loop. log(record): the training log (common.metrics_log), given each printed step."""
+    """The loop. log(record): the training log (metrics_log.metrics_log), given each printed step."""
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    start = common.restore(ck, model, None, opt, rng)[0] if ck else 0
-    value_ids = common.confidence_value_ids(tok)
-    autocast = common.autocast(cfg)
+    start = run_dir.restore(ck, model, None, opt, rng)[0] if ck else 0
+    value_ids = tokenizer.confidence_value_ids(tok)
+    autocast = cli.autocast(cfg)
     trained = seconds = 0.0  # trained tokens and seconds since the last logged step: its throughput
-    for step in tqdm(range(start, cfg.base_steps), desc="base (SFT)", mininterval=2, disable=common.RANK != 0):
+    for step in tqdm(range(start, cfg.base_steps), desc="base (SFT)", mininterval=2, disable=parallel.RANK != 0):
         t = time.perf_counter()
         frac = max(0.0, (step - cfg.base_warmup) / max(1, cfg.base_steps - cfg.base_warmup))
         for g in opt.param_groups:  # linear warm-up, then cosine to 0.1 x base_lr
@@ -129,10 +132,10 @@ def train_base(cfg, model, tok, sample_train, ck=None, log=None):
                 ce = ce / n_tokens
             ce.backward()
             total += ce.item()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         trained, seconds = trained + n_tokens, seconds + time.perf_counter() - t
-        if step % max(1, cfg.base_steps // 5) == 0 or step == cfg.base_steps - 1:
+        if step % cfg.log_every == 0 or step == cfg.base_steps - 1:
             if log:  # logged first: a printed step is in metrics.jsonl
                 log({"kind": "train", "stage": "base", "method": None, "step": step, "loss": total,
                      "lr": opt.param_groups[0]["lr"], "grad_norm": norm.item(),
@@ -140,12 +143,12 @@ def train_base(cfg, model, tok, sample_train, ck=None, log=None):
             tqdm.write(f"base step {step:4d} | cross-entropy {total:.4f}")
             trained = seconds = 0.0
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.base_steps:
-            common.save_checkpoint(cfg, tok, "base", step + 1, model, None, opt, rng, 0, 0, quiet=True)
+            run_dir.save_checkpoint(cfg, tok, "base", step + 1, model, None, opt, rng, 0, 0, quiet=True)
 
 def _settings(cfg):
     return {k: getattr(cfg, k) for k in ("init_from", "seed", "data_seed", "n_layer", "n_head", "n_embd",
                                          "block_size", "base_steps", "base_batch", "base_lr", "base_warmup",
-                                         "base_conf_sigma", "base_conf_shape", "arith_ops", "arith_digits")}
+                                         "base_conf_sigma", "base_conf_shape", "arith_ops", "arith_digits", "grad_clip")}
 
 def cache_path(cfg, base, cache_dir):
     """cache_dir/base-<hash of the settings and code that make the base>.pt."""
@@ -162,13 +165,13 @@ def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None, log=None):
     so it is trained once and reused. log: see train_base. Returns the file's path."""
     path = cache_path(cfg, base, cache_dir)
     if os.path.exists(path):
-        base.load_state_dict(common.load_checkpoint(path)["model"])
+        base.load_state_dict(run_dir.load_checkpoint(path)["model"])
         print(f"reusing base model {path}")
-    elif common.RANK == 0:
+    elif parallel.RANK == 0:
         train_base(cfg, base, tok, sample_train, ck, log)
-        common.write_atomic(path, {"model": base.state_dict(), "settings": _settings(cfg)}, "wb")
-    if common.WORLD > 1:  # rank 0 trained it; the others read it
+        run_dir.write_atomic(path, {"model": base.state_dict(), "settings": _settings(cfg)}, "wb")
+    if parallel.WORLD > 1:  # rank 0 trained it; the others read it
         import torch.distributed as dist
         dist.barrier()
-        base.load_state_dict(common.load_checkpoint(path)["model"])
+        base.load_state_dict(run_dir.load_checkpoint(path)["model"])
     return path

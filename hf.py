@@ -1,0 +1,117 @@
+"""
+Hugging Face causal LMs through caopd's two seams: a decoder for caopd.sample and a
+completion_hidden for the loss (caopd.Distiller takes both). They do what caopd's versions do for
+our GPT, over a transformers model and its own KV cache:
+
+    prefill()            each distinct prompt once, left-padded, into the model's cache
+    decoder()            rollouts: the prompts' cache copied into a static cache, one token a step
+    completion_hidden()  the loss: the completions on top of the prompts' cache
+
+A reader of the method can skip this file; models.seams() picks it for a Hugging Face model.
+"""
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+import caopd
+
+@functools.cache  # read once per model class: the decode step asks at every token
+def _cache_argument(cls):
+    # transformers 5 renamed the cache argument and output field "past_key_values" to "cache"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+def cache_name(model):
+    return _cache_argument(type(model))
+
+def prefill(model, prompts):
+    """caopd.prefill for a Hugging Face model: each distinct prompt once, left-padded (the mask hides
+    the padding, position ids start at each prompt's start), into the model's KV cache, then a
+    copy for every row. Returns the last prompt token's hidden state (B, C), the cache, the
+    attention mask (B, T) and each row's next position (B,)."""
+    device = caopd.output_weight(model).device
+    distinct, rows = caopd.distinct_prompts(prompts)
+    rows = torch.tensor(rows, device=device)
+    T = max(map(len, distinct))
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in distinct], device=device)  # (U, T)
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in distinct], device=device) * mask
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model.base_model(input_ids=idx, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = out[cache_name(model)]
+    cache.batch_select_indices(rows)
+    h = out.last_hidden_state[:, -1].index_select(0, rows)  # (B, C)
+    return h, cache, mask.index_select(0, rows), pos[:, -1].index_select(0, rows) + 1
+
+def cache_length(prompt, new):
+    """The static cache's length for prompts of up to `prompt` tokens and `new` new ones: rounded up
+    to 64, so calls of nearby prompt lengths share one compiled step (captured.py)."""
+    return -(-(prompt + new) // 64) * 64
+
+def decode_step(model, cache, mask, nxt, pos):
+    """One token per row through the model over its static cache -> logits (B, V), float32. The
+    logits are F.linear(h, W), as the model's own head computes them: under autocast the bfloat16
+    copy of a trainable weight is then made once and cached, where one of W.T (a view) would be
+    made at every step."""
+    out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                           use_cache=True, **{cache_name(model): cache})
+    return F.linear(out.last_hidden_state[:, -1], caopd.output_weight(model)).float()
+
+def decoder(model, prompts, max_new_tokens, step=decode_step, keep=None):
+    """caopd.gpt_decoder's contract for a Hugging Face causal LM: the prompts through prefill(),
+    copied into a static cache (transformers.StaticCache: allocated once for the whole call, in the
+    compute dtype, cache_length), then one token per row per step. step: the decode step (captured.py
+    gives a compiled one); keep(model, shape, make): the cache to use (captured.py keeps one across
+    calls), default a new one from make()."""
+    from transformers import StaticCache
+    W = caopd.output_weight(model)
+    h0, dynamic, mask, pos = prefill(model, prompts)  # pos (B,): each row's next position
+    (B, T), L = mask.shape, cache_length(mask.shape[1], max_new_tokens)
+    dtype = dynamic.layers[0].values.dtype
+
+    def make():
+        cache = StaticCache(config=model.config, max_cache_len=L)
+        heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
+        cache.early_initialization(B, list(heads), list(dims), dtype, W.device)
+        # keys and values in the compute dtype: under autocast Qwen3's keys leave its (float32) norm
+        # and rotary embedding in float32 beside bfloat16 values, and attention would cast the whole
+        # key cache at every step
+        update = cache.update
+        cache.update = lambda k, v, *args, **kwargs: update(k.to(dtype), v.to(dtype), *args, **kwargs)
+        return cache
+    # positions after this call's are never read: causality hides them (a kept cache's old values)
+    cache = keep(model, (B, L, dtype), make) if keep else make()
+    for s, d in zip(cache.layers, dynamic.layers):
+        s.keys[:, :, :T], s.values[:, :, :T] = d.keys, d.values
+        s.cumulative_length.fill_(T)
+    del dynamic
+    # the positions after the prompt are all visible: causality hides those not yet written
+    mask = torch.cat([mask, mask.new_ones(B, L - T)], 1)
+
+    def decode(nxt):
+        nonlocal pos
+        if nxt is None:
+            return F.linear(h0, W).float()
+        logits = step(model, cache, mask, nxt, pos)
+        pos = pos + 1
+        return logits
+    return decode
+
+def completion_hidden(model, prompts, completions):
+    """caopd.completion_hidden for a Hugging Face model: the prompts through prefill(), then the
+    completions on top of the cache. Except under its gradient checkpointing, whose layers drop a
+    KV cache while they train: there every row runs its whole sequence."""
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # per layer
+    if checkpointing and model.training and torch.is_grad_enabled():
+        return caopd.whole_sequences_hidden(lambda x: model.base_model(input_ids=x).last_hidden_state,
+                                            caopd.output_weight(model).device, prompts, completions)
+    device, L = caopd.output_weight(model).device, max(map(len, completions))
+    x = torch.tensor([c[:-1] + [0] * (L - len(c)) for c in completions], device=device)  # (B, L - 1)
+    h0, cache, mask, start = prefill(model, prompts)
+    if L > 1:  # the completions' right padding needs no mask: causal attention never looks ahead
+        rest = model.base_model(input_ids=x, attention_mask=torch.cat([mask, torch.ones_like(x)], 1),
+                                position_ids=start[:, None] + torch.arange(L - 1, device=device),
+                                use_cache=True, **{cache_name(model): cache}).last_hidden_state
+    else:
+        rest = h0.new_zeros(len(prompts), 0, h0.shape[-1])
+    return torch.cat([h0[:, None], rest], 1), [len(c) for c in completions]

@@ -1,0 +1,41 @@
+"""
+OPD and CaOPD side by side (--workers=2): the two methods distilled at the same time, each in a
+forked process of its own and on a core of its own, with the numbers of one after the other. Each
+method keeps its own checkpoint (ckpt-<method>.pt); out_dir/ckpt.pt says the run is at this stage.
+"""
+import os
+import sys
+
+import cli
+import parallel
+import run_dir
+from parallel import WORLD
+
+def how_many(cfg):
+    """--workers: 0 is 2 where it pays (the toy's two methods on a CPU with a core for each), else 1."""
+    if cfg.workers:
+        return cfg.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pays = (cfg.method == "both" and cfg.init_from == "scratch" and cfg.device == "cpu" and WORLD == 1
+            and sys.platform == "linux" and cores >= 2 * cfg.threads)
+    return 2 if pays else 1
+
+def run(cfg, distilled, methods, plan):
+    """distilled(method) for every method at once, each in a process of its own. A new stage 1 first
+    clears the methods' old checkpoints and marks ckpt.pt, so that a resume finds them. A process
+    that fails or Ctrl-C stops both: one line, and --init_from=resume continues each from its own."""
+    if not plan.side_by_side:
+        for m in methods:
+            if os.path.exists(run_dir.checkpoint_path(cfg, m)):
+                os.remove(run_dir.checkpoint_path(cfg, m))  # another run's
+        run_dir.write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"),
+                             {"stage": "side by side", "step": 0, "config": vars(cfg)}, "wb")
+    try:
+        failed = parallel.side_by_side(distilled, methods)
+    except KeyboardInterrupt:  # every process got it; each keeps its last checkpoint
+        cli.die(f"interrupted: --init_from=resume continues both methods from their checkpoints in {cfg.out_dir}",
+                code=130)
+    if failed:
+        m, code = failed
+        cli.die(f"the {m} process failed (exit code {code}), so the run stops; --init_from=resume continues both "
+                f"methods from their checkpoints in {cfg.out_dir}", code=1)
