@@ -3,7 +3,7 @@ One question through one distillation step, printed: what OPD and CaOPD train on
 
     python one_step.py                       # the toy (its base from out/, trained there if missing)
     python one_step.py --smoke=True          # a 40-step toy base: seconds, numbers of a weak model
-    python one_step.py --question=3 --K=16   # another training question, more rollouts
+    python one_step.py --question=3 --K=16   # step 0's fourth question, more rollouts
     python one_step.py --init_from=Qwen/Qwen3-0.6B --enable_thinking=false --max_new_tokens=256
 
 It prints the student's prompt, the K rollouts with their verdicts and P_acc, then for each method
@@ -26,10 +26,10 @@ import parallel
 import questions
 import toy_base
 import train_small
-from tokenizer import confidence_value_ids, decode, is_toy
+from tokenizer import confidence_value_ids, decode, end_id, is_toy
 
 # settings: one_step's own (train_small.py's can be given too)
-question = 0               # which training question: the n-th that stage 1 draws at step 0 (0 = its first)
+question = -1              # the n-th question stage 1 draws at step 0; -1: the first whose rollouts are mixed
 # -----------------------------------------------------------------------------
 OWN = cli.settings_block(globals(), __file__)
 
@@ -55,7 +55,8 @@ def show(tok, name, logp_s, logp_t, kl, completion, at):
     print(f"  {'token':>14s} {'p student':>10s} {'p teacher':>10s} {'KL':>8s}")
     for j, t in enumerate(completion):
         mark = "  <- the confidence" if j == at else ""
-        print(f"  {decode(tok, [t])!r:>14s} {logp_s[j, t].exp().item():10.3f} {logp_t[j, t].exp().item():10.3f} "
+        text = "<end>" if t == end_id(tok) else repr(decode(tok, [t]))
+        print(f"  {text:>14s} {logp_s[j, t].exp().item():10.3f} {logp_t[j, t].exp().item():10.3f} "
               f"{kl[j].item():8.3f}{mark}")
     if at is None:
         print(f"  ({name}'s completion states no confidence)")
@@ -79,7 +80,8 @@ def main(argv):
     if given.get("init_from") == "resume":
         cli.die("--init_from=resume: one_step.py starts from a base model (scratch or a Hugging Face model)")
     cfg = train_small.settings(**{**given, "method": "caopd"})
-    cli.check([(n >= 0, "question", "must be >= 0")], SimpleNamespace(question=n))
+    cli.check([(n >= -1, "question", "must be >= 0, or -1 (the first question with mixed rollouts)")],
+              SimpleNamespace(question=n))
     cfg.device, cfg.workers = cli.resolve_device(cfg.device), 1
     cfg.dtype = cli.resolve_dtype(cfg.dtype, cfg.device)
     torch.set_num_threads(cfg.threads)
@@ -95,12 +97,16 @@ def main(argv):
         os.makedirs(cfg.out_dir, exist_ok=True)
         toy_base.cached_base(cfg, model, tok, sample_train, cfg.out_dir)
     net = train_small.distiller(cfg, model)
-    total = max(cfg.prompts_per_step, n + 1)
-    ex = sample_train(random.Random(cfg.seed + 1), total)[n]  # as distill draws them at step 0
-    prompts, sampled = train_small.rollouts(cfg, net, tok, [ex], 0, (n * cfg.K, total * cfg.K))  # 1. rollouts
+    exs = sample_train(random.Random(cfg.seed + 1), max(cfg.prompts_per_step, n + 1))  # as distill draws them
+    prompts, sampled = train_small.rollouts(cfg, net, tok, exs, 0, (0, len(exs) * cfg.K))  # 1. step 0's rollouts
     texts = [decode(tok, r) for r in sampled]
-    correct = [verify(ex, t) for t in texts]  # 2. verify
-    print(f"\nthe student's prompt:\n{decode(tok, prompts[0])}")
+    correct = [verify(exs[i // cfg.K], t) for i, t in enumerate(texts)]  # 2. verify
+    if n == -1:  # the first question some of whose rollouts are right and some wrong, else the first
+        n = next((q for q in range(len(exs)) if 0 < sum(correct[q * cfg.K:(q + 1) * cfg.K]) < cfg.K), 0)
+    ex, rows = exs[n], slice(n * cfg.K, (n + 1) * cfg.K)
+    prompts, sampled, texts, correct = prompts[rows], sampled[rows], texts[rows], correct[rows]
+    print(f"\nquestion {n} of step 0 (--question=N for another)")
+    print(f"the student's prompt:\n{decode(tok, prompts[0])}")
     print(f"{cfg.K} rollouts at temperature {cfg.temperature} (reference: {ex['reference']!r}):")
     for t, ok in zip(texts, correct):
         print(f"  {'right' if ok else 'wrong'}  {t!r}")
