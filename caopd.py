@@ -19,11 +19,12 @@ changes one thing, the confidence target:
 Without step 3 this file is plain OPD: distillation_targets() is the whole difference, and the
 comment above it says why it works. The file reads top to bottom in the method's order:
 tokenizer -> model (with KV cache) -> rollouts -> verifier -> empirical confidence -> teacher
-context -> the change -> loss -> metrics.
-train_small.py runs it. Nothing here is for scale: a Hugging Face model reaches sample() and the
-loss through two functions it is given (a decoder, a completion_hidden: hf.py), the captured
-decode step is another decoder (captured.py), and several processes are torch's engines around
-Distiller (parallel.py).
+context -> the change -> loss -> metrics. train_small.py runs it.
+
+It holds the method and nothing for speed or scale. Those reach it from beside it through two
+functions Distiller is given: how to decode a token (sample()'s `decoder`) and how to run a model
+over prompt + completion (`hidden`). Ours are here for the toy GPT; hf.py has a Hugging Face
+model's, captured.py a compiled decoder for GPUs, and parallel.py wraps Distiller for several GPUs.
 """
 import math
 import re
@@ -136,6 +137,10 @@ class GPT(nn.Module):
         w = self.wte.weight
         return [(w.new_empty(shape, dtype=dtype), w.new_empty(shape, dtype=dtype)) for _ in range(c.n_layer)]
 
+def output_weight(model):
+    """The output projection (V, C): our tied wte, or a Hugging Face model's lm_head (tied or not)."""
+    return model.get_output_embeddings().weight
+
 # -----------------------------------------------------------------------------
 # Rollouts: K completions per prompt, all prompts of a step in one batched call
 
@@ -157,10 +162,6 @@ def prefill(model, prompts, length):
     h = model(torch.tensor(distinct, device=device), cache)[:, -1]  # (U, C)
     # (B, C), (B, nh, length, hs) per layer
     return h.index_select(0, rows), [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]
-
-def output_weight(model):
-    """The output projection (V, C): our tied wte, or a Hugging Face model's lm_head (tied or not)."""
-    return model.get_output_embeddings().weight
 
 def compute_dtype(device):
     """The dtype activations are computed in on `device`: autocast's, else None (the weights')."""
@@ -244,7 +245,8 @@ def parse_confidence(text, clip=True):
     confidence label in text that has one (spellings: CONFIDENCE above); trailing punctuation
     ("0.9.") and emphasis after it are ignored; `85%` reads as 0.85; a value outside [0, 1] is clipped
     into it (clip=False returns it as written, for counting). None when no label is followed by a
-    number ("Confidence:" alone, "Confidence: high"): the metrics count that as 0 and in format_rate."""
+    number ("Confidence:" alone, "Confidence: high"): the metrics count that as 0 (and report the
+    share of answers that state one, format_rate)."""
     m = [(v, pct) for v, pct in CONFIDENCE.findall(text) if v]
     if not m:
         return None
@@ -278,7 +280,8 @@ def empirical_confidence(correct, smoothed=False):
     """P_acc of one question from the verdicts of its K rollouts: c / K for c correct, or with
     smoothed=True (c + 1) / (K + 2) (Laplace's rule of succession: never exactly 0 or 1 from a few
     rollouts). Another estimator (a Beta(a, b) prior: (c + a) / (K + a + b)) is a line here.
-    What the student is trained to state is this value ROUNDED to `decimals` digits (set_confidence):
+    What the student is trained to state is this value ROUNDED to `decimals` digits (set_confidence,
+    below; half to even):
     the toy's one decimal (a token per value, see toy_tokenizer), real models' two (the paper's
     X.XX). So an estimator's change smaller than half the last digit changes no target, and nearby
     counts can share one: with K = 8 and one decimal, Beta(2, 2) gives c = 0 -> 2/12 and c = 1 ->
@@ -299,11 +302,13 @@ def set_confidence(completion, p, decimals):
 # Teacher context: the privileged information the student never sees
 
 # A teacher context is a template and its fields: {question}, {solution} (a response, its
-# confidence line set to the shown confidence) and {note} (empty, or NOTE with a value). `demo`
-# (SDFT style) shows the reference answer; `correct_solution` (SDPO style) one of the student's
-# own verified correct rollouts for the same prompt (the reference answer when none is correct).
+# confidence line set to the shown confidence) and {note} (empty, or the Note line below with a
+# value). `demo` shows the reference answer, as self-distillation fine-tuning (SDFT) does;
+# `correct_solution` one of the student's own verified correct rollouts for the same prompt (the
+# reference when none is correct), as self-distilled policy optimization (SDPO) does.
 # The teacher's weights are a frozen copy of the student's start by default; with ema_rate > 0 an
-# EMA of the student's, teacher = (1 - a) * teacher + a * student after every step (ema_update).
+# exponential moving average (EMA) of the student's: teacher = (1 - a) * teacher + a * student
+# after every step (ema_update).
 TEMPLATES = {
     "demo": "{question}\nThis is an example for a response to the question:\n{solution}\n"
             "{note}Now answer with a response of your own.\n",
@@ -334,17 +339,18 @@ def ema_update(teacher, student, rate):
 # CaOPD's one change: P_acc where the confidence goes
 #
 # Why it works. The teacher's certainty comes from its context: shown a solution that ends in
-# "Confidence: 1.00", it says 1.00 whether or not the student could get the question right,
-# and OPD distills exactly that, so its student learns to say 1.00 to everything. CaOPD makes
-# the teacher's target at the confidence position the student's own success rate: the solution
-# it is shown states P_acc (b) and a Note asks it to output that value (c). The student never
-# sees either. For questions it cannot tell apart (their prompts and its answers look alike to
-# it) its distribution at that position is one and the same, and reverse KL toward their
-# teachers is minimised by their normalised geometric mean, s(v) ~ exp(mean log t_i(v)), which
-# peaks at their mean P_acc when each teacher's log-probabilities are a parabola around the value
-# it is shown (the toy's base is trained so: toy_base.soft_confidence_loss). So the student
-# states the success rate of the questions that look like this one: calibration. Rewriting the
-# student's own stated value (a) sets no target at the value's first token: the student's
+# "Confidence: 1.0", it says 1.0 whether or not the student could get the question right, and
+# OPD distills exactly that, so its student learns to say 1.0 to everything. CaOPD makes the
+# teacher's target at the confidence position the student's own success rate: (b) the solution
+# it is shown states P_acc instead of 1.0, and (c) a Note asks it to output that value. The
+# student never sees either. For questions it cannot tell apart (their prompts and its answers
+# look alike to it) its distribution at that position is one and the same, and reverse KL toward
+# their teachers is minimised by their normalised geometric mean, s(v) ~ exp(mean log t_i(v)),
+# which peaks at their mean P_acc when each teacher's log-probabilities are a parabola around the
+# value it is shown, i.e. a Gaussian (a pretrained model's roughly are; the toy's base is trained
+# so, of width base_conf_sigma: toy_base.soft_confidence_loss). So the student states the success
+# rate of the questions that look like this one: calibration. (a) Rewriting the student's own
+# stated value to P_acc sets no target at the value's first token: the student's
 # distribution there depends only on the tokens before it, never on what is written there. It
 # does shape the positions after that token: the end token (now after P_acc) and, where a value
 # takes several tokens (a real model's "0.85" is "0", ".", "85" or similar), the later digits,
@@ -494,9 +500,9 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     Gradients flow to student_hidden and student_weight only."""
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
     mask = torch.ones(hs.shape[0], device=hs.device) if mask is None and torch.is_tensor(hs) else mask
-    shapes = ", ".join(f"{n} {tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', type(t).__name__)}" for n, t in
-                       zip(("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "mask"),
-                           (hs, ws, ht, wt, mask)))
+    names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "mask")
+    shapes = ", ".join(f"{n} {tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', type(t).__name__)}"
+                       for n, t in zip(names, (hs, ws, ht, wt, mask)))
     if not all(torch.is_tensor(t) and t.is_floating_point() and t.dim() == 2 for t in (hs, ws, ht, wt)) or \
             hs.shape[0] != ht.shape[0] or ws.shape[0] != wt.shape[0] or hs.shape[1] != ws.shape[1] or \
             ht.shape[1] != wt.shape[1] or not torch.is_tensor(mask) or mask.shape != (hs.shape[0],):
@@ -628,6 +634,10 @@ def confidence_bin(c):
 
 def calibration_metrics(correct, confidence):
     """correct: 0/1 per question; confidence: stated confidence in [0, 1] (0 where unparseable).
+    accuracy, mean_confidence, their difference OCG (the overconfidence gap: > 0 overconfident),
+    Brier (the mean squared error of the confidence against the verdict), ECE (the expected
+    calibration error: |mean confidence - accuracy| per bin, weighted by the bin's share), SPR and
+    AUROC (how well confidence ranks right answers above wrong ones).
     ECE uses 10 equal-width bins (0 falls in the first, 1 in the last). SPR is strict: over all
     (correct, incorrect) pairs, the fraction where the correct one is strictly more confident;
     ties earn nothing, and it is 0 when either class is empty. AUROC counts ties as half and is

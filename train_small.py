@@ -12,7 +12,7 @@ held-out questions (greedy) and we compare accuracy and calibration.
     python train_small.py --smoke=True             # the whole pipeline in seconds (machinery only)
     python train_small.py ... --init_from=resume   # continue an interrupted run: the same command + this
     python train_small.py --init_from=Qwen/Qwen3-0.6B --task=science   # a Hugging Face model
-    torchrun --standalone --nproc_per_node=4 train_small.py ...         # several GPUs (DDP; --fsdp=True shards)
+    torchrun --standalone --nproc_per_node=4 train_small.py ...  # several GPUs (DDP; --fsdp=True shards)
 
 Reading order: the settings, then one distillation step (rollouts -> verify -> targets -> loss ->
 update), distill() around it, evaluate(), and main() with the stages in order. What is for scale
@@ -141,7 +141,8 @@ def rollouts(cfg, net, tok, exs, step, rows):
     with parallel.gathered(net):
         for a in range(0, len(prompts), mb):
             gen = torch.Generator(cli.resolve_device(cfg.device)).manual_seed(cfg.seed * 1_000_003 + step)
-            u = torch.rand(cfg.max_new_tokens, total, 1, generator=gen, device=gen.device) if cfg.temperature else None
+            u = torch.rand(cfg.max_new_tokens, total, 1, generator=gen, device=gen.device) \
+                if cfg.temperature else None  # (max_new_tokens, all rows, 1)
             with cli.autocast(cfg):
                 sampled += parallel.inner(net).sample(
                     prompts[a:a + mb], cfg.max_new_tokens, end_id(tok), cfg.temperature, cfg.top_k,
@@ -150,11 +151,10 @@ def rollouts(cfg, net, tok, exs, step, rows):
 
 def targets(cfg, tok, method, exs, sampled, texts, correct):
     """3. What the method trains on, per question: caopd.distillation_targets, where OPD and CaOPD
-    differ. Returns (the completions' tokens, the teacher's prompts, P_acc and the confidence the
-    teacher is shown, per question). A
-    completion whose text is the rollout's is its sampled tokens; a rewritten one is encoded anew,
-    its body kept to the rollout's budget of tokens (a rollout of stray bytes decodes to U+FFFD, 3
-    bytes each, and would come back 3x longer)."""
+    differ. Returns (the completions' tokens, the teacher's prompts (one per completion), P_acc and
+    the confidence the teacher is shown, per question). A completion whose text is the rollout's
+    is its sampled tokens; a rewritten one is encoded anew, its body kept to the rollout's budget of
+    tokens (a rollout of stray bytes decodes to U+FFFD, 3 bytes each, and would come back 3x longer)."""
     K, completions, teacher_prompts, p_acc, shown = cfg.K, [], [], [], []
     for g, ex in enumerate(exs):
         group = slice(g * K, g * K + K)
@@ -165,9 +165,9 @@ def targets(cfg, tok, method, exs, sampled, texts, correct):
             if new == text:
                 completions.append(tokens)
             else:
-                body, line = caopd.split_confidence(new)  # line: the new "Confidence: P_acc", the only label left
+                body, line = caopd.split_confidence(new)  # line: the new "Confidence: P_acc", the one label
                 completions.append(encode(tok, body)[:cfg.max_new_tokens] + encode(tok, line) + [end_id(tok)])
-        teacher_prompts += [teacher_tokens(tok, ex, context, cfg.enable_thinking)] * K  # one per question
+        teacher_prompts += [teacher_tokens(tok, ex, context, cfg.enable_thinking)] * K  # rendered once
         p_acc.append(p)
         shown.append(context["confidence"])
     return completions, teacher_prompts, p_acc, shown
@@ -195,7 +195,7 @@ def kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator=None)
         with parallel.no_sync(net, last=a + mb >= len(prompts)):  # the engines see the loss in net's forward
             with cli.autocast(cfg):
                 kl = net(prompts[b], completions[b], teacher_prompts[b], w, estimator)
-                kl = kl * (w.sum(dtype=torch.float64) / total).to(kl.dtype)  # the chunk's share of the step's mean
+                kl = kl * (w.sum(dtype=torch.float64) / total).to(kl.dtype)  # the chunk's share of the mean
             kl.backward()
         loss += kl.detach()
     model.eval()
@@ -216,17 +216,19 @@ def distill_step(cfg, net, opt, tok, method, exs, verify, step, rows, estimator=
     t = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     kl = kl_backward(cfg, net, prompts, completions, teacher_prompts, estimator)  # 4. loss and gradients
+    # the step's statistics, the mean over processes (token counts: x WORLD is the step's)
     stated = [c for c in map(caopd.parse_confidence, texts) if c is not None]
-    stats = parallel.all_mean({  # token counts: the processes' means x WORLD are the step's
+    stats = parallel.all_mean({
         "loss": kl.item(), "rollout_accuracy": sum(correct) / len(correct), "p_acc": sum(p_acc) / len(p_acc),
         "stated_confidence": sum(stated) / max(1, len(stated)), "format_rate": len(stated) / len(texts),
         "teacher_shown": sum(shown) / len(shown),
         "sampled_tokens": sum(map(len, sampled)), "trained_tokens": sum(map(len, completions))},
         caopd.output_weight(model).device)
+    # 5. the update: the gradient clipped to norm grad_clip; a non-finite loss or gradient skips it
     norm = parallel.local_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     stats["grad_norm"], stats["lr"] = norm.item(), opt.param_groups[0]["lr"]
     ok = math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
-    if ok:  # 5. the update (else the last good state is kept)
+    if ok:
         opt.step()
         caopd.ema_update(teacher, model, cfg.ema_rate)
     stats["seconds_sampling"], stats["seconds_training"] = t_sample, time.perf_counter() - t
@@ -241,7 +243,8 @@ def distiller(cfg, model):
     if cfg.fsdp:  # a copy shaped and sharded like the student (an EMA teacher updates shard by shard)
         teacher = models.empty_like_model(cfg, model)
         with torch.no_grad():
-            for t, s in zip([*teacher.parameters(), *teacher.buffers()], [*model.parameters(), *model.buffers()]):
+            for t, s in zip([*teacher.parameters(), *teacher.buffers()],
+                            [*model.parameters(), *model.buffers()]):
                 t.copy_(s)
     elif memory.teacher_in_bfloat16(cfg):  # a frozen teacher needs no float32 master weights
         teacher = models.frozen_copy(model, torch.bfloat16)
@@ -266,7 +269,7 @@ def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, est
     n = cfg.prompts_per_step // WORLD  # this process's questions: rank n .. rank n + n - 1 of each step's
     since = metrics_log.Throughput()  # tokens per second since the last printed step
     for step in tqdm(range(start, cfg.steps), desc=method, mininterval=2,
-                     disable=RANK != 0 or cfg.workers == 2):  # side by side, two bars would overwrite each other
+                     disable=RANK != 0 or cfg.workers == 2):  # side by side, two bars would overwrite
         # cosine from lr to min_lr; decayed to 0, the final model averages over its last stretch of steps
         for g in opt.param_groups:
             g["lr"] = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
@@ -279,8 +282,9 @@ def distill(cfg, net, tok, method, sample_train, verify, ck=None, held=None, est
             tqdm.write(f"warning: {method} step {step}: non-finite {what}, update skipped ({bad} in a row, "
                        f"{skipped} in this stage)")
             if bad >= cfg.max_bad_steps:
-                cli.die(f"{method} step {step}: {bad} non-finite steps in a row (--max_bad_steps={cfg.max_bad_steps});"
-                        f" the last good checkpoint is {run_dir.checkpoint_path(cfg, method)} (--init_from=resume "
+                last = run_dir.checkpoint_path(cfg, method)
+                cli.die(f"{method} step {step}: {bad} non-finite steps in a row (--max_bad_steps="
+                        f"{cfg.max_bad_steps}); the last good checkpoint is {last} (--init_from=resume "
                         f"continues from it)", code=1)
         since.add(stats)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -308,7 +312,7 @@ def evaluate(cfg, net, tok, name, held, verify):
         for i in tqdm(range(0, len(mine), rows), desc=f"eval {name}", leave=False, disable=RANK != 0):
             prompts = [student_tokens(tok, ex, cfg.enable_thinking) for ex in mine[i:i + rows]]
             with cli.autocast(cfg):
-                completions = parallel.inner(net).sample(prompts, cfg.max_new_tokens, end_id(tok), temperature=0)
+                completions = parallel.inner(net).sample(prompts, cfg.max_new_tokens, end_id(tok), 0.0)
             texts += [decode(tok, r) for r in completions]
     texts = parallel.gather(texts)  # rank order is the questions' order
     if RANK != 0:
