@@ -935,8 +935,8 @@ def test_smoke_run_end_to_end(tmp_path):
     assert res["config"]["smoke"] is True and res["config"]["K"] == 4
     assert set(res["seconds"]) >= {"base", "opd", "caopd", "eval", "total"}
     assert set(res["models"]) == {"base", "opd", "caopd"}
-    keys = {"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "n", "format_rate", "clipped_rate",
-            "format_ok"}
+    keys = {"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "aurc", "n", "format_rate",
+            "clipped_rate", "format_ok"}
     for m in res["models"].values():
         assert set(m) == keys and m["n"] == 16 and m["format_ok"] is True
     lines = (out / "completions.jsonl").read_text().splitlines()
