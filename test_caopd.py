@@ -2295,3 +2295,54 @@ def test_platt_on_a_constant_confidence_model_and_at_its_optimum():
     assert abs((p - y).sum().item()) < 1e-6 and abs(((p - y) * x).sum().item()) < 1e-2
     auroc = lambda c: caopd.calibration_metrics(correct, c)["auroc"]
     assert auroc(p.tolist()) == _exact(auroc(conf)) and auroc(conf) > 0.6
+
+def test_recalibration_fitted_on_one_split_never_reads_the_scored_one(monkeypatch):
+    import random
+    rng = random.Random(2)
+    fit_conf = [rng.randrange(11) / 10 for _ in range(400)]
+    fit_correct = [int(rng.random() < 0.6 * c) for c in fit_conf]
+    scored_conf = [rng.randrange(11) / 10 for _ in range(300)]
+    for fitter in (calibration.platt, calibration.isotonic):
+        f = fitter(fit_correct, fit_conf)
+        before = f(scored_conf).tolist()
+        # whatever the scored verdicts are, the map is the same: it is the fitting split's alone
+        for scored_correct in ([0] * 300, [1] * 300):
+            assert caopd.calibration_metrics(scored_correct, f(scored_conf).tolist())["n"] == 300
+            assert f(scored_conf).tolist() == before
+        flipped = [1 - y for y in fit_correct]
+        assert fitter(flipped, fit_conf)(scored_conf).tolist() != before  # it reads its own split
+    # baselines' calibration questions: held out from training as the scored ones are, none of them, distinct
+    monkeypatch.setattr(experiments, "n_calib", 300)
+    monkeypatch.setattr(experiments, "calib_seed", 1)
+    experiments.calibration_questions.cache_clear()
+    calib = experiments.calibration_questions(0, 1000, "+*", None)
+    experiments.calibration_questions.cache_clear()
+    scored = {ex["question"] for ex in arith.split(0, 1000)[0]}
+    assert len(calib) == len({ex["question"] for ex in calib}) == 300
+    assert not scored & {ex["question"] for ex in calib} and all(arith.is_held(0, ex["id"]) for ex in calib)
+
+def test_self_consistency_is_the_share_of_samples_that_give_the_greedy_answer():
+    same = experiments.same_arith_answer
+    greedy = ["Answer: 0322\nConfidence: 0.9", "no answer\nConfidence: 1.0"]
+    samples = [["Answer: 322", "Answer: 0321\nConfidence: 0.9", "garbage", "Answer: 0322\nConfidence: 0.1"],
+               ["no answer", "no answer", "Answer: 5", "Confidence: 1.0"]]
+    # no answer agrees with nothing, not even with no answer
+    assert calibration.self_consistency_confidence(greedy, samples, same) == [0.5, 0.0]
+    assert not same("Answer: 7\nConfidence: Answer: 8", "Answer: 8")  # the answer before the confidence label
+
+def test_baselines_bad_settings_are_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    where = [f"--out_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"]
+    script = os.path.join(HERE, "experiments.py")
+    r = subprocess.run([sys.executable, script, "baselines", "--n_calib=199", *where], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("experiments.py: error: --n_calib=199: ") and "at least 200" in r.stderr
+    # in this process: the calibration questions' stream is the scored ones'
+    monkeypatch.setattr(experiments, "CLI", {})  # main sets these; monkeypatch puts them back
+    monkeypatch.setattr(experiments, "calib_seed", experiments.calib_seed)
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["baselines", "--calib_seed=0", *where])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--calib_seed=0: " in err, err
+    assert "--data_seed=0" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing trained or written
