@@ -262,7 +262,8 @@ def reliability_panel(ax, correct, confidence, title=""):
             ax.bar(b / 10 + 0.05, acc, width=0.09, color="tab:blue", edgecolor="black")
             ax.text(b / 10 + 0.05, acc + 0.02, str(int(sel.sum())), ha="center", fontsize=7)
     ax.plot([0, 1], [0, 1], "--", color="gray")
-    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="stated confidence", ylabel="accuracy", title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="stated confidence", ylabel="accuracy")
+    ax.set_title(title, fontsize=9)
 
 def risk_coverage_panel(ax, curves, title=""):
     """Risk against coverage of each entry of curves = {label: (correct, confidence)}, with the
@@ -277,6 +278,7 @@ def risk_coverage_panel(ax, curves, title=""):
     ax.plot(coverage.tolist(), best.tolist(), ":", color="black",
             label=f"best order: {best.mean().item():.3f}")
     ax.axhline(1 - y.mean().item(), color="gray", linestyle="--", label="no ranking")
-    ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage (share answered, most confident first)",
-           ylabel="error rate of the answered", title=title)
+    ax.set(xlim=(0, 1), ylim=(0, None), xlabel="coverage (most confident answered first)",
+           ylabel="error rate of the answered")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)

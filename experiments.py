@@ -624,7 +624,7 @@ def baselines_figure(results, model_of):
     """A column per model: a reliability diagram of each of its confidences, then their risk against
     coverage."""
     columns = [[row for row in results if model_of[row] == m] for m in dict.fromkeys(model_of.values())]
-    plt, fig, axes = figure(len(columns), max(map(len, columns)) + 1, size=3.4)
+    plt, fig, axes = figure(len(columns), max(map(len, columns)) + 1, size=3.2)
     for col, rows in enumerate(columns):
         for i, ax in enumerate(axes[:-1, col]):
             if i >= len(rows):
