@@ -27,6 +27,7 @@ COVERAGES = (0.5, 0.8)  # the coverages whose accuracy summarize reports
 LEVEL = 0.95  # of every interval
 
 def _tensors(correct, confidence):
+    """(verdicts, confidences) as float64 tensors, None read as 0."""
     y = torch.as_tensor([float(v) for v in correct], dtype=torch.float64)
     c = torch.as_tensor([0.0 if v is None else float(v) for v in confidence], dtype=torch.float64)
     assert len(y) == len(c) > 0, "needs equally long, non-empty verdicts and confidences"
