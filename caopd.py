@@ -641,7 +641,8 @@ def calibration_metrics(correct, confidence):
     ECE uses 10 equal-width bins (0 falls in the first, 1 in the last). SPR is strict: over all
     (correct, incorrect) pairs, the fraction where the correct one is strictly more confident;
     ties earn nothing, and it is 0 when either class is empty. AUROC counts ties as half and is
-    0.5 when either class is empty (nothing to rank)."""
+    0.5 when either class is empty (nothing to rank). AURC: the mean error rate of the k most confident
+    answers over k = 1..n, tied answers in every order equally likely (calibration.py has the curve)."""
     y = torch.as_tensor(correct, dtype=torch.float64)
     c = torch.as_tensor(confidence, dtype=torch.float64)
     n = len(y)
@@ -657,6 +658,12 @@ def calibration_metrics(correct, confidence):
         auroc = spr + 0.5 * (diff == 0).double().mean().item()
     else:
         spr, auroc = 0.0, 0.5
+    # AURC, selective prediction's price: answer the most confident first. Giving every answer its tie
+    # group's error rate is the expectation over the orders of the ties (each is wrong at that rate)
+    conf, order = c.sort(descending=True)
+    _, group, size = conf.unique_consecutive(return_inverse=True, return_counts=True)
+    group_err = torch.zeros(len(size), dtype=torch.float64).index_add_(0, group, 1 - y[order]) / size
+    aurc = (group_err[group].cumsum(0) / torch.arange(1, n + 1, dtype=torch.float64)).mean().item()
     return {"accuracy": y.mean().item(), "mean_confidence": c.mean().item(), "ece": float(ece),
             "brier": ((c - y) ** 2).mean().item(), "ocg": (c.mean() - y.mean()).item(),
-            "spr": spr, "auroc": auroc, "n": n}
+            "spr": spr, "auroc": auroc, "aurc": aurc, "n": n}

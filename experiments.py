@@ -8,7 +8,8 @@ The paper's other claims, as experiments on the toy task that anyone can rerun o
     python experiments.py estimators   # four estimators of the same reverse KL: calibration and gradient noise
     python experiments.py pacc         # P_acc from K = 2 ... 16 rollouts, and a smoothed P_acc
     python experiments.py replacements # CaOPD with each of its three replacements left out, and alone
-    python experiments.py all          # the seven, one after the other
+    python experiments.py baselines    # recalibrated OPD, self-consistency: with intervals
+    python experiments.py all          # the eight, one after the other
 
 Each writes <out_dir>/<name>.json and <name>.png (out_dir: out/experiments/<name>) and prints its
 table. Every run starts from train_small.py's defaults (its distillation steps, its held-out
@@ -36,9 +37,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import calibration
 import caopd
 import cli
 import hf
+import memory
 import models
 import parallel
 import questions
@@ -61,6 +64,10 @@ estimator_topk = 8                    # estimators: k of the top-k + tail estima
 Ks = "2,4,8,16"                       # pacc: rollouts per prompt
 smoothed_Ks = "2"                     # pacc: the K that also run with P_acc = (c + 1) / (K + 2)
 seeds = "0,1"                         # replacements: the training seeds each variant runs with
+# baselines
+n_calib = 2000                        # baselines: questions recalibration is fitted on, never scored (>= 200)
+calib_seed = 1                        # baselines: draws them (not data_seed: it draws the scored ones)
+n_resamples = 1000                    # baselines: bootstrap resamples of the scored questions (seed 0)
 # -----------------------------------------------------------------------------
 OWN = cli.settings_block(globals(), __file__)
 # train_small.py settings every experiment starts from (the command line overrides them)
@@ -337,7 +344,7 @@ def ood():
     print(table(rows, ["set", "model"]))
     report.reliability_diagram(results, os.path.join(OUT, "ood.png"), columns=len(sets))
     return {"rows": rows, "table": table(rows, ["set", "model"]),
-            "examples": {name: [ex["question"] for ex in questions[:3]] for name, questions in sets.items()}}
+            "examples": {name: [ex["question"] for ex in qs[:3]] for name, qs in sets.items()}}
 
 # -----------------------------------------------------------------------------
 # 4. continual learning: task A (addition), then task B (multiplication)
@@ -495,9 +502,156 @@ def replacements():
     return {"rows": rows, "summary": summary, "table": table(summary, ["variant", "parts", "seeds"])}
 
 # -----------------------------------------------------------------------------
+# 8. the baselines a reviewer asks for: OPD recalibrated after training, and self-consistency
+
+CALIB_MIN = 200  # n_calib's least: fewer answers leave an isotonic map's steps mostly noise
+
+@functools.lru_cache(maxsize=None)  # main draws them first: a bad n_calib or calib_seed fails before training
+def calibration_questions(data_seed, n_eval, ops, digits):
+    """n_calib questions to fit recalibration maps on: held out from training (arith.is_held, as the
+    scored questions are: a map must learn the accuracy on questions the model never saw), drawn by
+    a stream of their own (calib_seed), distinct, and none of the n_eval scored questions."""
+    if n_calib < CALIB_MIN:
+        cli.die(f"--n_calib={n_calib}: too few calibration questions to fit a map; at least {CALIB_MIN}")
+    if calib_seed == data_seed:
+        cli.die(f"--calib_seed={calib_seed}: draws the scored questions (--data_seed={data_seed}), "
+                   f"so the calibration questions would be them; give it another value")
+    scored = {ex["question"] for ex in questions.arith_task(data_seed, n_eval, ops, digits)[0]}
+    rng, calib, draws = random.Random(calib_seed), {}, 0
+    while len(calib) < n_calib:
+        ex = arith.make_example(rng, ops, digits)
+        if arith.is_held(data_seed, ex["id"]) and ex["question"] not in scored:
+            calib.setdefault(ex["question"], ex)
+        draws += 1
+        if draws == 50 * n_calib:  # the default mix draws ~15 per question (a fifth held out, some scored)
+            cli.die(f"--n_calib={n_calib}: {draws:,} draws found only {len(calib)} held-out questions "
+                       f"that are not scored; ask for fewer")
+    return list(calib.values())
+
+def same_arith_answer(a, b):
+    """Whether two completions give the same answer: the same integer after `Answer:` (before the
+    confidence label), as caopd.verify_arith reads it; no answer agrees with nothing."""
+    m, n = (caopd.ANSWER.search(caopd.split_confidence(t)[0]) for t in (a, b))
+    return m is not None and n is not None and int(m.group(1)) == int(n.group(1))
+
+def answers(cfg, tok, model, asked, copies=1, temperature=0.0, seed=0):
+    """Completions (token lists) of `copies` answers to each question, greedy at temperature 0 (as
+    train_small.evaluate answers) or sampled with the rollouts' top_k; question i's are rows
+    i * copies .. (i + 1) * copies - 1. eval_batch rows a call, one generator seeded with seed."""
+    prompts = [tokenizer.student_tokens(tok, ex, cfg.enable_thinking) for ex in asked for _ in range(copies)]
+    rows, out, end = cfg.eval_batch or memory.EVAL_CAP, [], tokenizer.end_id(tok)
+    gen = torch.Generator(cfg.device).manual_seed(seed)
+    for a in range(0, len(prompts), rows):
+        with cli.autocast(cfg):
+            out += caopd.sample(model, prompts[a:a + rows], cfg.max_new_tokens, end, temperature, cfg.top_k,
+                                gen, decoder=models.seams(model, models.captures(cfg))["decoder"])
+    return out
+
+def scored_answers(tok, asked, completions):
+    """An evaluation record per question (train_small.evaluate's verdict and stated confidence) and
+    the number of tokens its completion took."""
+    texts = [tokenizer.decode(tok, c) for c in completions]
+    return [{"id": ex["id"], "correct": questions.verify_example(ex, text),
+             "confidence": caopd.parse_confidence(text), "tokens": len(c)}
+            for ex, text, c in zip(asked, texts, completions)]
+
+def interval_cell(d, signed=False):
+    """A summarize() number as "value [low, high]"."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(d['value'])} [{f.format(d['low'])}, {f.format(d['high'])}]"
+
+def self_consistency(cfg, tok, model, asked, greedy):
+    """(confidence, sampled tokens) per question: K samples at the rollouts' temperature (seeded with
+    the run's seed), the share of them that give the greedy answer."""
+    sampled = answers(cfg, tok, model, asked, cfg.K, cfg.temperature, seed=cfg.seed)
+    texts = [tokenizer.decode(tok, c) for c in sampled]
+    per_question = [texts[i * cfg.K:(i + 1) * cfg.K] for i in range(len(asked))]
+    agree = calibration.self_consistency_confidence([tokenizer.decode(tok, c) for c in greedy], per_question,
+                                                    same_arith_answer)
+    return agree, sum(map(len, sampled)) / len(asked)
+
+def baselines():
+    """Base, OPD and CaOPD from one base, each with the confidence it states, and for the base and
+    OPD self-consistency (K samples per question at the rollouts' temperature; its confidence: the
+    share agreeing with the greedy answer); each also recalibrated (Platt scaling and isotonic
+    regression fitted on n_calib other questions). Every row of a model scores its greedy answers,
+    so the rows of one model differ only in their confidences. ECE, Brier, AUROC, AURC with 95%
+    intervals (a bootstrap over the scored questions), tokens per question, paired differences."""
+    cfg, base, tok, base_name, (held, sample_train) = base_model()
+    calib = calibration_questions(cfg.data_seed, cfg.n_eval, cfg.arith_ops, cfg.arith_digits or None)
+    models = {"base": base, **{m: trained(cfg, tok, base, base_name, m, sample_train)[0] for m in METHODS}}
+    results, model_of, tokens, maps, calib_accuracy = {}, {}, {}, {}, {}
+    sc = f"SC-{cfg.K}"
+    for name, model in models.items():
+        t0 = time.time()
+        greedy, calib_greedy = answers(cfg, tok, model, held), answers(cfg, tok, model, calib)
+        scored, fitting = scored_answers(tok, held, greedy), scored_answers(tok, calib, calib_greedy)
+        fit_correct, fit_stated = calibration.verdicts(fitting)
+        calib_accuracy[name] = sum(fit_correct) / len(fit_correct)
+        one = sum(r["tokens"] for r in scored) / len(scored)  # one greedy answer's tokens
+        # row -> (confidence per scored answer, the same on the calibration questions, tokens per question)
+        sources = {name: (calibration.verdicts(scored)[1], fit_stated, one)}
+        if name != "caopd":  # self-consistency: the test-time measurement that CaOPD's stated value replaces
+            agree, cost = self_consistency(cfg, tok, model, held, greedy)
+            fit_agree = self_consistency(cfg, tok, model, calib, calib_greedy)[0]
+            sources[f"{name} {sc}"] = (agree, fit_agree, one + cost)
+        for row, (confidence, fit_confidence, cost) in sources.items():
+            rows = {row: confidence}
+            for how, fitter in (("Platt", calibration.platt), ("isotonic", calibration.isotonic)):
+                mapped = fitter(fit_correct, fit_confidence)  # fitted on the calibration questions alone
+                rows[f"{row} {how}"] = mapped(confidence).tolist()
+                maps[f"{row} {how}"] = {f"{v / 10:.1f}": round(mapped([v / 10]).item(), 4) for v in range(11)}
+            for r, conf in rows.items():
+                results[r] = (None, [{**record, "confidence": c} for record, c in zip(scored, conf)])
+                model_of[r], tokens[r] = name, cost
+        print(f"{name}: answered, fitted and sampled in {time.time() - t0:.0f}s")
+    pairs = [("caopd", other) for other in ("base", f"base {sc} isotonic", "opd", "opd Platt", "opd isotonic",
+                                            f"opd {sc}", f"opd {sc} isotonic")]
+    pairs += [("caopd isotonic", "opd isotonic"), ("caopd isotonic", f"opd {sc} isotonic")]
+    summary = calibration.summarize(results, n_resamples, 0, pairs)
+    keys = {"acc": "accuracy", "ECE": "ece", "Brier": "brier", "AUROC": "auroc", "AURC": "aurc",
+            "acc at 50%": "accuracy_at_50"}
+    rows = [{"model": model_of[row], "confidence": row[len(model_of[row]) + 1:] or "stated",
+             **{h: interval_cell(summary["models"][row][k]) for h, k in keys.items()},
+             "tokens / question": f"{tokens[row]:.1f}",
+             "x greedy": f"{tokens[row] / tokens[model_of[row]]:.1f}"}
+            for row in results]
+    differences = [{"difference": name, **{h: interval_cell(d[k], signed=True) for h, k in keys.items()}}
+                   for name, d in summary["differences"].items()]
+    text = (table(rows, ["model", "confidence", *keys, "tokens / question", "x greedy"], [])
+            + f"\n\npaired differences on the same {n_resamples:,} resamples (95% intervals)\n"
+            + table(differences, ["difference", *keys], []))
+    print(text)
+    baselines_figure(results, model_of)
+    mul = lambda questions: sum(ex["kind"] == "mul" for ex in questions) / len(questions)
+    return {"summary": summary, "tokens_per_question": tokens, "maps": maps, "table": text,
+            "calibration_questions": {"n": len(calib), "seed": calib_seed, "multiplications": mul(calib),
+                                      "accuracy": calib_accuracy},
+            "scored_questions": {"n": len(held), "multiplications": mul(held)}}
+
+def baselines_figure(results, model_of):
+    """A column per model: a reliability diagram of each of its confidences, then their risk against
+    coverage."""
+    columns = [[row for row in results if model_of[row] == m] for m in dict.fromkeys(model_of.values())]
+    plt, fig, axes = figure(len(columns), max(map(len, columns)) + 1, size=3.2)
+    for col, rows in enumerate(columns):
+        for i, ax in enumerate(axes[:-1, col]):
+            if i >= len(rows):
+                ax.axis("off")
+                continue
+            correct, confidence = calibration.verdicts(results[rows[i]][1])
+            m = caopd.calibration_metrics(correct, confidence)
+            calibration.reliability_panel(ax, correct, confidence,
+                                          f"{rows[i]}: ECE {m['ece']:.3f}, AUROC {m['auroc']:.2f}")
+        curves = {row: calibration.verdicts(results[row][1]) for row in rows}
+        calibration.risk_coverage_panel(axes[-1, col], curves, f"{rows[0]}: risk against coverage")
+    save(plt, fig, "baselines")
+
+# -----------------------------------------------------------------------------
 
 EXPERIMENTS = {"scaling": scaling, "entropy": entropy_experiment, "ood": ood, "continual": continual,
-               "estimators": estimators, "pacc": pacc, "replacements": replacements}
+               "estimators": estimators, "pacc": pacc, "replacements": replacements,
+               "baselines": baselines}
 
 def show_help():
     cli.print_help(OWN, f"python experiments.py {{{','.join(EXPERIMENTS)},all}} [--key=value ...]",
@@ -522,6 +676,8 @@ def main(argv):
     cfg = ts.settings(**{**start(), **CLI})  # check the command line before anything runs
     if "ood" in names:
         ood_sets(cfg.data_seed, cfg.n_eval)
+    if "baselines" in names:
+        calibration_questions(cfg.data_seed, cfg.n_eval, cfg.arith_ops, cfg.arith_digits or None)
     os.makedirs(cache_dir, exist_ok=True)
     for name in names:
         t0 = time.time()

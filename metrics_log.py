@@ -118,7 +118,7 @@ def metrics_log(cfg, tracker, kept=()):
     def send(record):
         # the tracker's keys: kind/stage/name, so that OPD's and CaOPD's steps do not collide; numbers only
         row = {f"{record['kind']}/{record['stage']}/{k}": v for k, v in record.items()
-               if v is not None and not isinstance(v, str)}
+               if isinstance(v, (int, float))}  # intervals (lists) stay in the file
         track(lambda run: run.log(row, step=state["n"]))
         state["n"] += 1
 

@@ -9,6 +9,7 @@ import os
 import torch
 from tqdm import tqdm
 
+import calibration
 import caopd
 import metrics_log
 import models
@@ -32,7 +33,14 @@ def score(cfg, name, records):
                    f"(format rate < 0.5): its ECE and the other calibration metrics are not meaningful")
     if cfg.task == "tooluse":  # the same stated confidences against the all-calls verdicts
         metrics["all_calls"] = caopd.calibration_metrics([r["correct_all_calls"] for r in records], stated)
+    # selective prediction and how sure each number is: 95% bootstrap intervals over the questions
+    summary = calibration.summarize({name: (metrics, records)}, RESAMPLES, seed=0)["models"][name]
+    metrics.update({k: v["value"] for k, v in summary.items() if k.startswith("accuracy_at_")})
+    metrics["ci95"] = {k: [v["low"], v["high"]] for k, v in summary.items()}
     return metrics
+
+RESAMPLES = 1000  # bootstrap resamples of the held-out questions behind every interval (seeded: 0)
+SHOWN = ("accuracy", "ece", "brier", "auroc", "aurc", "accuracy_at_50", "accuracy_at_80")  # with intervals
 
 def describe_run(cfg, model, tok, held, smoke):
     """The lines a run prints before it trains: what it is, where, and how large."""
@@ -51,16 +59,17 @@ def describe_run(cfg, model, tok, held, smoke):
 def write(cfg, results, skipped, seconds, finish):
     """The end of a run (rank 0): the table and a few answers, then out_dir/completions.jsonl,
     reliability.png, curves.png, results.json; finish(images) closes the training log."""
-    report(results)
+    summary = calibration.summarize(results, RESAMPLES, seed=0)  # the paired CaOPD - OPD difference too
+    report(results, summary)
     run_dir.write_atomic(os.path.join(cfg.out_dir, "completions.jsonl"),
                          "".join(json.dumps(r) + "\n" for _, records in results.values() for r in records))
     images = {name: os.path.join(cfg.out_dir, f"{name}.png") for name in ("reliability", "curves")}
-    reliability_diagram(results, images["reliability"])
+    reliability_diagram(results, images["reliability"], selective=True)
     training_curves([(cfg.out_dir, metrics_log.read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")))],
                     images["curves"])
     run_dir.write_json(os.path.join(cfg.out_dir, "results.json"),
                        {"config": vars(cfg), "models": {n: m for n, (m, _) in results.items()},
-                        "skipped_updates": skipped, "seconds": seconds})
+                        "differences": summary["differences"], "skipped_updates": skipped, "seconds": seconds})
     finish(images)
     print(f"\nwrote {cfg.out_dir}/results.json, reliability.png, curves.png, completions.jsonl, "
           f"metrics.jsonl in {seconds['total']:.0f}s")
@@ -75,22 +84,26 @@ def ece_floor(confidence, reps=200):
     ece = per_bin.abs().sum(1) / len(c)  # sum over bins of share x |mean conf - acc| = |sum(conf - correct)| / n
     return ece.mean().item(), ece.std().item()
 
-def report(results):
-    """The table (tool use: a second one, every golden call checked), and two right and two wrong
-    answers of each model."""
+def report(results, summary=None):
+    """The table (tool use: a second one, every golden call checked), the intervals of summary
+    (calibration.summarize) and two right and two wrong answers of each model."""
     tables = [("", None)]  # (title, key of the metrics it shows: None = the top level)
     if any("all_calls" in m for m, _ in results.values()):
         tables.append(("\nevery golden call checked (the authors' eval_tooluse.py); above, the first call (training's P_acc)",
                        "all_calls"))
     for title, key in tables:
         print(f"{title}\n{'model':6s} {'acc':>6s} {'conf':>6s} {'ECE':>6s} {'Brier':>6s} {'OCG':>7s} {'SPR':>6s} {'AUROC':>6s} "
-              f"{'format':>6s}  ECE of a calibrated model with these confidences")
+              f"{'AURC':>6s} {'format':>6s}  ECE of a calibrated model with these confidences")
         for name, (metrics, records) in results.items():
             m = metrics[key] if key else metrics
             floor = ece_floor([r["confidence"] or 0.0 for r in records])
             print(f"{name:6s} {m['accuracy']:6.3f} {m['mean_confidence']:6.3f} {m['ece']:6.3f} {m['brier']:6.3f} "
-                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {metrics['format_rate']:6.3f}  "
+                  f"{m['ocg']:+7.3f} {m['spr']:6.3f} {m['auroc']:6.3f} {m['aurc']:6.3f} {metrics['format_rate']:6.3f}  "
                   f"{floor[0]:.3f} +- {floor[1]:.3f}")
+    if summary:
+        shown = {part: {name: {k: d[k] for k in SHOWN} for name, d in summary[part].items()}
+                 for part in ("models", "differences")}
+        print("\n" + calibration.format_table({**summary, **shown}))
     for name, (_, records) in results.items():
         right = [r for r in records if r["correct"]][:2]
         wrong = [r for r in records if not r["correct"]][:2]
@@ -98,17 +111,22 @@ def report(results):
             print(f"  {name:5s} {'right' if r['correct'] else 'wrong'}  {r['id']} = {str(r['answer'])[:40]:<5s} -> "
                   + r["completion"].replace("\n", " | ")[:300])
 
-def reliability_diagram(results, path, columns=None):
+def reliability_diagram(results, path, columns=None, selective=False):
     """Accuracy per confidence bin for each model, bin counts written on the bars; panels in rows
-    of `columns` (default: one row). results: {name: (metrics, records)}."""
+    of `columns` (default: one row). results: {name: (metrics, records)}. selective: a last panel,
+    every model's risk against coverage (answering the most confident first)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = columns or len(results)
-    rows = math.ceil(len(results) / cols)
+    panels = len(results) + selective
+    cols = columns or panels
+    rows = math.ceil(panels / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
-    for ax in axes.flat[len(results):]:
+    for ax in axes.flat[panels:]:
         ax.axis("off")
+    if selective:
+        calibration.risk_coverage_panel(axes.flat[len(results)], {name: calibration.verdicts(records) for name,
+                                        (_, records) in results.items()}, "selective prediction")
     for ax, (name, (m, records)) in zip(axes.flat, results.items()):
         conf = torch.tensor([r["confidence"] or 0.0 for r in records], dtype=torch.float64)
         corr = torch.tensor([float(r["correct"]) for r in records], dtype=torch.float64)

@@ -956,14 +956,20 @@ def test_smoke_run_end_to_end(tmp_path):
     r = _run("--smoke=True", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"config", "seconds", "models", "skipped_updates"} and res["skipped_updates"] == {"opd": 0, "caopd": 0}
+    assert set(res) == {"config", "seconds", "models", "differences", "skipped_updates"}
+    assert res["skipped_updates"] == {"opd": 0, "caopd": 0}
     assert res["config"]["smoke"] is True and res["config"]["K"] == 4
     assert set(res["seconds"]) >= {"base", "opd", "caopd", "eval", "total"}
     assert set(res["models"]) == {"base", "opd", "caopd"}
-    keys = {"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "n", "format_rate", "clipped_rate",
-            "format_ok"}
+    keys = {"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "aurc", "n", "format_rate",
+            "clipped_rate", "format_ok", "accuracy_at_50", "accuracy_at_80", "ci95"}
     for m in res["models"].values():
         assert set(m) == keys and m["n"] == 16 and m["format_ok"] is True
+        for k, (low, high) in m["ci95"].items():  # every metric's interval holds its value
+            assert low - 1e-12 <= m[k] <= high + 1e-12, k
+    assert set(res["differences"]) == {"caopd - opd"}
+    d = res["differences"]["caopd - opd"]["ece"]
+    assert d["value"] == pytest.approx(res["models"]["caopd"]["ece"] - res["models"]["opd"]["ece"], abs=1e-12)
     lines = (out / "completions.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 16 and {"model", "completion", "correct", "confidence"} <= set(json.loads(lines[0]))
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -1211,7 +1217,7 @@ def test_held_out_evaluations_during_distillation_change_nothing(reference_run, 
         evals = [(x["step"], x["final"]) for x in _metrics(out) if x["kind"] == "eval" and x["stage"] == m]
         assert evals == [(8, False), (16, False), (24, False), (24, True)]
     steps = [(x["kind"], x["stage"], x["step"]) for x in _metrics(out)]
-    assert steps.index(("eval", "opd", 8)) == steps.index(("train", "opd", 6)) + 1
+    assert steps.index(("train", "opd", 0)) < steps.index(("eval", "opd", 8)) < steps.index(("train", "opd", 8))
 
 def test_truncated_or_corrupt_checkpoint_is_named(reference_run, tmp_path):
     data = (reference_run / "ckpt.pt").read_bytes()
@@ -1335,8 +1341,7 @@ def _wandb_history(out):
 
 def _tracked(record):
     """A metrics.jsonl line as the history row metrics_log.metrics_log sends."""
-    return {f"{record['kind']}/{record['stage']}/{k}": v for k, v in record.items() if v is not None
-            and not isinstance(v, str)}
+    return {f"{record['kind']}/{record['stage']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
 
 def test_wandb_offline_run_holds_the_records_settings_and_plots(reference_run, tmp_path):
     pytest.importorskip("wandb")  # not in requirements.txt; .ci/run installs it for this test
@@ -1349,7 +1354,7 @@ def test_wandb_offline_run_holds_the_records_settings_and_plots(reference_run, t
     assert r.returncode == 0, r.stderr[-2000:]
     lines = _metrics(out, timed=True, file_order=True)  # the tracker's rows: the file's lines, in order
     history, config, run = _wandb_history(out)
-    assert len(lines) == 9 and {i: _tracked(x) for i, x in enumerate(lines)} == \
+    assert len(lines) == 7 and {i: _tracked(x) for i, x in enumerate(lines)} == \
         {i: row for i, row in history.items() if i < len(lines)}  # row i is line i, every value equal
     settings = json.loads((out / "results.json").read_text())["config"]
     assert {k: config[k] for k in settings} == settings and settings["wandb_project"] == "test"  # its config
@@ -1396,7 +1401,7 @@ def test_wandb_failing_in_the_middle_warns_once_and_the_run_goes_on(reference_ru
     assert warnings == [f"warning: wandb failed (OSError: [Errno 28] No space left on device); the run goes on "
                         f"without it, {out}/metrics.jsonl has every line"]
     lines = _metrics(out, timed=True, file_order=True)
-    assert len(lines) == 9 and (out / "results.json").exists() and (out / "curves.png").exists()
+    assert len(lines) == 7 and (out / "results.json").exists() and (out / "curves.png").exists()
     history = _wandb_history(out)[0]
     assert history == {i: _tracked(x) for i, x in enumerate(lines[:2])}  # the two rows before it failed
 
@@ -2188,3 +2193,190 @@ def test_the_loss_chunk_is_sized_for_the_device(monkeypatch):
     assert memory.loss_chunk(100_000, 128_256, torch.device("cuda")) == (63 * 2**30 // 8) // (12 * 128_256) == 5_494
     assert memory.loss_chunk(4_096, 128_256, torch.device("cuda")) == 4_096
     assert memory.loss_chunk(10_000, 151_936, cpu) == caopd.loss_chunk(10_000, 151_936, cpu)
+
+# -----------------------------------------------------------------------------
+# calibration a researcher can trust: selective prediction, bootstrap intervals, recalibration, baselines
+
+import itertools  # noqa: E402 (this section's own)
+
+import calibration  # noqa: E402
+
+def _exact(v):
+    return pytest.approx(v, rel=0, abs=1e-12)
+
+def _aurc_over_every_order(correct, confidence):
+    """AURC averaged over every order of the answers that puts a more confident one first: each
+    order's mean over k of (errors among the first k) / k."""
+    n, total, orders = len(correct), 0.0, 0
+    for order in itertools.permutations(range(n)):
+        if all(confidence[order[i]] >= confidence[order[i + 1]] for i in range(n - 1)):
+            errors = list(itertools.accumulate(1 - correct[i] for i in order))
+            total += sum(e / (k + 1) for k, e in enumerate(errors)) / n
+            orders += 1
+    return total / orders
+
+def test_aurc_with_ties_is_the_mean_over_every_order_of_the_ties():
+    correct, confidence = [1, 0, 1, 0, 0, 1, 1], [0.9, 0.9, 0.5, 0.5, 0.5, 0.5, 0.2]
+    brute = _aurc_over_every_order(correct, confidence)  # 2! x 4! = 48 orders
+    # by hand: the 0.9 pair is wrong at rate 1/2, the 0.5 group too, 0.2 never: the expected errors
+    # after k = 1..7 answers are .5, 1, 1.5, 2, 2.5, 3, 3
+    assert brute == _exact((6 * 0.5 + 3 / 7) / 7)
+    assert caopd.calibration_metrics(correct, confidence)["aurc"] == _exact(brute)
+    coverage, risk = calibration.risk_coverage(correct, confidence)
+    assert coverage[-1] == 1.0 and risk.mean().item() == _exact(brute)
+    ones = torch.ones(1, 7, dtype=torch.float64)
+    assert calibration.metrics_of_resamples(correct, confidence, ones)["aurc"].item() == _exact(brute)
+    # no ties: one order; a constant confidence: the error rate at every coverage
+    assert caopd.calibration_metrics([1, 0, 0], [0.9, 0.5, 0.1])["aurc"] == _exact((0 + 1 / 2 + 2 / 3) / 3)
+    assert caopd.calibration_metrics([1, 0, 0, 1, 1], [1.0] * 5)["aurc"] == _exact(0.4)
+
+def test_accuracy_at_a_coverage_that_cuts_a_tie_group():
+    correct, confidence = [1, 1, 0, 1, 0], [0.9, 0.7, 0.7, 0.7, 0.2]
+    at = lambda coverage: calibration.accuracy_at_coverage(correct, confidence, coverage)
+    # 50%: 2.5 answers: the 0.9 one (right) and 1.5 of the 0.7 group, wrong at rate 1/3: 0.5 errors
+    assert at(0.5) == _exact(1 - 0.5 / 2.5)
+    # 80%: 4 answers, the whole group: 1 error; 40%: 2 answers, one of the group: 1/3 error
+    assert at(0.8) == _exact(0.75) and at(0.4) == _exact(1 - (1 / 3) / 2) and at(1.0) == _exact(0.6)
+    ones = torch.ones(1, 5, dtype=torch.float64)
+    out = calibration.metrics_of_resamples(correct, confidence, ones, coverages=(0.4, 0.5))
+    assert out["accuracy_at_50"].item() == _exact(0.8) and out["accuracy_at_40"].item() == _exact(5 / 6)
+
+def test_every_resample_has_the_metrics_of_its_questions():
+    """metrics_of_resamples (sums over the distinct confidences) against calibration_metrics and
+    accuracy_at_coverage on each resample written out question by question."""
+    import random
+    rng = random.Random(1)
+    conf = [rng.randrange(11) / 10 for _ in range(300)]
+    correct = [int(rng.random() < c) for c in conf]
+    counts = calibration.resample_counts(300, 8, seed=3)
+    assert counts.sum(1).tolist() == [300.0] * 8
+    out = calibration.metrics_of_resamples(correct, conf, counts)
+    for r in range(8):
+        drawn = [i for i in range(300) for _ in range(int(counts[r, i]))]
+        y, c = [correct[i] for i in drawn], [conf[i] for i in drawn]
+        m = caopd.calibration_metrics(y, c)
+        for k in calibration.METRICS:
+            assert out[k][r].item() == _exact(m[k]), k
+        assert out["accuracy_at_80"][r].item() == _exact(calibration.accuracy_at_coverage(y, c, 0.8))
+
+def _records(correct, confidence):
+    return [{"id": str(i), "correct": bool(y), "confidence": c}
+            for i, (y, c) in enumerate(zip(correct, confidence))]
+
+def test_a_bootstrap_interval_holds_its_point_and_narrows_as_questions_grow():
+    import random
+    rng = random.Random(0)
+    conf = [rng.randrange(11) / 10 for _ in range(100)]
+    correct = [int(rng.random() < 0.2 + 0.6 * c) for c in conf]
+    widths = []
+    for copies in (1, 4, 16):  # the same answers, more of them: the same point, a narrower interval
+        records = _records(correct * copies, conf * copies)
+        m = calibration.summarize({"m": (None, records)}, 400, seed=0, pairs=())["models"]["m"]
+        for k in ("accuracy", "brier", "auroc", "aurc", "accuracy_at_50"):
+            assert m[k]["low"] <= m[k]["value"] <= m[k]["high"], k
+        assert m["accuracy"]["value"] == _exact(sum(correct) / 100)
+        widths.append({k: m[k]["high"] - m[k]["low"] for k in m})
+    for k in ("accuracy", "brier", "auroc", "aurc"):  # as 1 / sqrt(n): about half for 4x the questions
+        assert 0.35 < widths[1][k] / widths[0][k] < 0.65 and 0.35 < widths[2][k] / widths[1][k] < 0.65, k
+    # accuracy's interval against the normal approximation, +-1.96 sqrt(p (1 - p) / n)
+    p = sum(correct) / 100
+    assert widths[2]["accuracy"] == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / 1600), rel=0.15)
+
+def test_summary_pairs_the_models_on_the_same_resamples():
+    correct = [1, 0, 1, 1, 0, 1, 0, 1] * 25
+    opd = _records(correct, [1.0] * 200)
+    ranked = _records(correct, [0.9 if y else 0.3 for y in correct])
+    s = calibration.summarize({"opd": (None, opd), "caopd": (None, ranked)}, 300, seed=0)
+    d = s["differences"]["caopd - opd"]
+    assert d["accuracy"] == {"value": 0.0, "low": 0.0, "high": 0.0}  # the same answers in every resample
+    assert d["auroc"]["value"] == _exact(0.5) and d["auroc"]["low"] == _exact(0.5)  # 1.0 - 0.5 in each
+    assert d["ece"]["high"] < 0 and s["models"]["opd"]["auroc"] == {"value": 0.5, "low": 0.5, "high": 0.5}
+    assert json.loads(json.dumps(s)) == s and s["n"] == 200 and s["n_resamples"] == 300
+    table = calibration.format_table(s)
+    assert "300 resamples of the 200 questions (seed 0)" in table
+    auroc = r"^AUROC +0\.500 \[0\.500, 0\.500\] +1\.000 \[1\.000, 1\.000\] +\+0\.500 \[\+0\.500, \+0\.500\]$"
+    assert re.search(auroc, table, re.M), table
+    assert calibration.summarize({"opd": (None, opd), "caopd": (None, ranked)}, 300, seed=0) == s  # seeded
+    with pytest.raises(ValueError, match="did not answer the same questions"):
+        calibration.summarize({"opd": (None, opd), "caopd": (None, ranked[::-1])}, 10)
+
+def test_isotonic_on_a_hand_case():
+    correct, confidence = [0, 1, 1, 0, 1, 0, 1, 1], [0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.8, 0.8]
+    # tied confidences pooled: 0.1 -> 0/1, 0.2 -> 2/2, 0.3 -> 1/2, 0.4 -> 0/1, 0.8 -> 2/2; 0.2 .. 0.4
+    # break the order and pool into 3 / 5; between 0.4 and 0.8 the map is linear, outside them flat
+    f = calibration.isotonic(correct, confidence)
+    got = f([0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]).tolist()
+    assert got == pytest.approx([0.0, 0.0, 0.6, 0.6, 0.6, 0.8, 1.0, 1.0], rel=0, abs=1e-12)
+    assert calibration.isotonic([1, 0, 1], [1.0] * 3)([0.2, 1.0]).tolist() == pytest.approx([2 / 3] * 2)
+
+def test_platt_on_a_constant_confidence_model_and_at_its_optimum():
+    # OPD's case: 1.0 stated everywhere, 7 of 10 right: no ranking, one value, the split's accuracy
+    correct = [1, 0, 1, 1, 0, 1, 1, 0, 1, 1]
+    f = calibration.platt(correct, [1.0] * 10)
+    assert f([1.0, 0.5, 0.0]).tolist() == pytest.approx([0.7] * 3, rel=0, abs=1e-9)
+    assert caopd.calibration_metrics(correct, f([1.0] * 10).tolist())["auroc"] == 0.5
+    assert calibration.platt([1] * 5, [1.0] * 5)([1.0]).item() > 0.999  # every one right: the map runs to 1
+    # a ranking model: at the fit, the mapped confidences add up to the right answers (the intercept's
+    # optimum), their errors are uncorrelated with logit(c) (the slope's, to the tiny ridge), and the
+    # ranking is the stated one
+    import random
+    rng = random.Random(0)
+    conf = [rng.randrange(11) / 10 for _ in range(500)]
+    correct = [int(rng.random() < 0.1 + 0.5 * c) for c in conf]
+    p = calibration.platt(correct, conf)(conf)
+    y = torch.tensor(correct, dtype=torch.float64)
+    x = torch.logit(torch.tensor(conf, dtype=torch.float64).clamp(1e-3, 1 - 1e-3))
+    assert abs((p - y).sum().item()) < 1e-6 and abs(((p - y) * x).sum().item()) < 1e-2
+    auroc = lambda c: caopd.calibration_metrics(correct, c)["auroc"]
+    assert auroc(p.tolist()) == _exact(auroc(conf)) and auroc(conf) > 0.6
+
+def test_recalibration_fitted_on_one_split_never_reads_the_scored_one(monkeypatch):
+    import random
+    rng = random.Random(2)
+    fit_conf = [rng.randrange(11) / 10 for _ in range(400)]
+    fit_correct = [int(rng.random() < 0.6 * c) for c in fit_conf]
+    scored_conf = [rng.randrange(11) / 10 for _ in range(300)]
+    for fitter in (calibration.platt, calibration.isotonic):
+        f = fitter(fit_correct, fit_conf)
+        before = f(scored_conf).tolist()
+        # whatever the scored verdicts are, the map is the same: it is the fitting split's alone
+        for scored_correct in ([0] * 300, [1] * 300):
+            assert caopd.calibration_metrics(scored_correct, f(scored_conf).tolist())["n"] == 300
+            assert f(scored_conf).tolist() == before
+        flipped = [1 - y for y in fit_correct]
+        assert fitter(flipped, fit_conf)(scored_conf).tolist() != before  # it reads its own split
+    # baselines' calibration questions: held out from training as the scored ones are, none of them, distinct
+    monkeypatch.setattr(experiments, "n_calib", 300)
+    monkeypatch.setattr(experiments, "calib_seed", 1)
+    experiments.calibration_questions.cache_clear()
+    calib = experiments.calibration_questions(0, 1000, "+*", None)
+    experiments.calibration_questions.cache_clear()
+    scored = {ex["question"] for ex in arith.split(0, 1000)[0]}
+    assert len(calib) == len({ex["question"] for ex in calib}) == 300
+    assert not scored & {ex["question"] for ex in calib} and all(arith.is_held(0, ex["id"]) for ex in calib)
+
+def test_self_consistency_is_the_share_of_samples_that_give_the_greedy_answer():
+    same = experiments.same_arith_answer
+    greedy = ["Answer: 0322\nConfidence: 0.9", "no answer\nConfidence: 1.0"]
+    samples = [["Answer: 322", "Answer: 0321\nConfidence: 0.9", "garbage", "Answer: 0322\nConfidence: 0.1"],
+               ["no answer", "no answer", "Answer: 5", "Confidence: 1.0"]]
+    # no answer agrees with nothing, not even with no answer
+    assert calibration.self_consistency_confidence(greedy, samples, same) == [0.5, 0.0]
+    assert not same("Answer: 7\nConfidence: Answer: 8", "Answer: 8")  # the answer before the confidence label
+
+def test_baselines_bad_settings_are_one_line_before_anything_runs(tmp_path, capsys, monkeypatch):
+    where = [f"--out_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"]
+    script = os.path.join(HERE, "experiments.py")
+    r = subprocess.run([sys.executable, script, "baselines", "--n_calib=199", *where], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("experiments.py: error: --n_calib=199: ") and "at least 200" in r.stderr
+    # in this process: the calibration questions' stream is the scored ones'
+    monkeypatch.setattr(experiments, "CLI", {})  # main sets these; monkeypatch puts them back
+    monkeypatch.setattr(experiments, "calib_seed", experiments.calib_seed)
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["baselines", "--calib_seed=0", *where])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--calib_seed=0: " in err, err
+    assert "--data_seed=0" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing trained or written
