@@ -200,10 +200,10 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
     decode = decoder(model, prompts, max_new_tokens)
     logits = decode(None)
     device = logits.device
-    if temperature and uniforms is None:
-        uniforms = torch.rand(max_new_tokens, B, 1, generator=generator,
-                              device=generator.device if generator else device)
-    if temperature:
+    if temperature:  # (max_new_tokens, B, 1): one uniform per token and row
+        if uniforms is None:
+            uniforms = torch.rand(max_new_tokens, B, 1, generator=generator,
+                                  device=generator.device if generator else device)
         uniforms = uniforms.to(device)
     out = torch.full((B, max_new_tokens), end_id, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -215,7 +215,7 @@ def sample(model, prompts, max_new_tokens, end_id, temperature=1.0, top_k=0, gen
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            cdf = F.softmax(logits, -1).cumsum_(-1)  # (B, V); the row whose CDF first passes u
+            cdf = F.softmax(logits, -1).cumsum_(-1)  # (B, V); a row's token: the first whose CDF passes u
             nxt = torch.searchsorted(cdf, uniforms[t] * cdf[:, -1:], right=True)[:, 0]
             nxt = nxt.clamp_(max=cdf.shape[1] - 1)  # (B,)
         nxt = nxt.masked_fill(done, end_id)  # finished rows keep emitting END (cut off below)
