@@ -29,6 +29,7 @@ import train_small
 from tokenizer import confidence_value_ids, decode, end_id, is_toy
 
 # settings: one_step's own (train_small.py's can be given too)
+# one_step
 question = -1              # the n-th question stage 1 draws at step 0; -1: the first whose rollouts are mixed
 # -----------------------------------------------------------------------------
 OWN = cli.settings_block(globals(), __file__)

@@ -2380,3 +2380,34 @@ def test_baselines_bad_settings_are_one_line_before_anything_runs(tmp_path, caps
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--calib_seed=0: " in err, err
     assert "--data_seed=0" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing trained or written
+
+# -----------------------------------------------------------------------------
+# one_step.py: one question through one distillation step, and --smoke with any model
+
+def test_one_step_shows_what_each_method_trains_on(tmp_path, capsys):
+    import one_step
+    one_step.main(["--smoke=True", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    opd, caopd_part = out.split("===== OPD: ")[1].split("===== CAOPD: ")
+    right, k = map(int, re.search(r"P_acc = (\d+) / (\d+)", opd).groups())
+    assert (right, k) == tuple(map(int, re.search(r"P_acc = (\d+) / (\d+)", caopd_part).groups()))
+    assert out.count("\n  right  ") + out.count("\n  wrong  ") == k == 4  # the K rollouts with their verdicts
+    p = f"{right / k:.1f}"  # the one decimal the toy states
+    assert "Confidence: 1.0\nNow answer" in opd and "Note:" not in opd  # OPD's teacher is shown certainty
+    assert f"Confidence: {p}\nNote: The empirical confidence for this question is {p}." in caopd_part
+    assert re.search(rf"the completion trained on \(rollout 1\): '.*Confidence: {re.escape(p)}'", caopd_part)
+    for part in (opd, caopd_part):  # the two distributions over the values 0.0 ... 1.0 at the confidence
+        rows = re.findall(r"^    (student|teacher) +((?:[01]\.\d\d ?){11})$", part, flags=re.M)
+        assert [who for who, _ in rows] == ["student", "teacher"]
+        assert all(sum(map(float, probs.split())) <= 1 + 11 * 0.005 for _, probs in rows)  # rounded probabilities
+        assert "<- the confidence" in part
+
+def test_smoke_works_with_a_hugging_face_model_out_of_the_box(tiny_hf, tmp_path):
+    """Its one-digit sums take more than the toy's 12 tokens with a BPE tokenizer: --smoke raises
+    max_new_tokens to the shortest complete answer, where no setting asks for another."""
+    r = _run(f"--init_from={tiny_hf}", "--smoke=True", "--method=caopd", "--steps=1", f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert cfg["max_new_tokens"] > 12
+    r = _run(f"--init_from={tiny_hf}", "--smoke=True", "--max_new_tokens=12", f"--out_dir={tmp_path / 'p'}")
+    assert r.returncode == 2 and "--max_new_tokens=12: too short for the answer format" in r.stderr
