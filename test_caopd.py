@@ -2188,3 +2188,82 @@ def test_the_loss_chunk_is_sized_for_the_device(monkeypatch):
     assert memory.loss_chunk(100_000, 128_256, torch.device("cuda")) == (63 * 2**30 // 8) // (12 * 128_256) == 5_494
     assert memory.loss_chunk(4_096, 128_256, torch.device("cuda")) == 4_096
     assert memory.loss_chunk(10_000, 151_936, cpu) == caopd.loss_chunk(10_000, 151_936, cpu)
+
+# -----------------------------------------------------------------------------
+# the first GPU run, made safe by reading: the captured step without the per-token copies, memory
+# sized for what runs, and every torch requirements.txt admits
+
+def test_a_torch_without_the_dtype_out_product_imports_and_runs_the_loss():
+    """torch before 2.8 has no mm/addmm out_dtype overload: its argument parser refuses out_dtype (a
+    TypeError) and the dispatcher knows no such operator (a RuntimeError)."""
+    code = """
+import torch
+def missing(*args, **kwargs):
+    raise RuntimeError("operator aten::addmm.dtype_out does not exist")
+torch._C._dispatch_has_kernel_for_dispatch_key = missing
+for name in ("mm", "addmm"):
+    def refusing(*args, _f=getattr(torch, name), **kwargs):
+        if "out_dtype" in kwargs:
+            raise TypeError(f"{name}() received an invalid combination of arguments - got (out_dtype=...)")
+        return _f(*args, **kwargs)
+    setattr(torch, name, refusing)
+import caopd
+g = torch.Generator().manual_seed(0)
+hs = torch.randn(40, 16, generator=g, requires_grad=True)
+ws = torch.randn(300, 16, generator=g, requires_grad=True)
+ht, wt = torch.randn(40, 16, generator=g), torch.randn(300, 16, generator=g)
+with torch.autocast("cpu", torch.bfloat16):
+    loss = caopd.fused_linear_kl(hs, ws, ht, wt, chunk_size=16)
+loss.backward()
+ref = caopd.linear_kl_reference(hs.double(), ws.double(), ht.double(), wt.double())
+assert abs(loss.item() - ref.item()) < 0.05 * ref.item(), (loss.item(), ref.item())
+assert not caopd._dtype_out("mm", "cpu") and not caopd._dtype_out("addmm", "cpu")
+print("ok", ws.grad.abs().sum().item() > 0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "True"], r.stderr[-2000:]
+
+def test_the_loss_writes_float32_logits_where_the_device_can(monkeypatch):
+    """Where the product writes float32 from bfloat16 operands (CUDA from torch 2.10), the logits are not
+    rounded to bfloat16 first; where it refuses (CUDA 2.8-2.9), the rounded path. The CPU has no such
+    kernel, so both are simulated here: the first by the bfloat16 operands multiplied in float32."""
+    mm, addmm = torch.mm, torch.addmm
+    g = torch.Generator().manual_seed(0)
+    hs, ws = torch.randn(64, 32, generator=g) / 32 ** 0.5, torch.randn(500, 32, generator=g) * 2
+    ht = hs + 0.3 * torch.randn(64, 32, generator=g) / 32 ** 0.5
+    wt = ws + 0.3 * torch.randn(500, 32, generator=g)
+    exact = caopd.linear_kl_reference(*(t.bfloat16().double() for t in (hs, ws, ht, wt)))  # bfloat16 operands
+
+    def loss_with(fake_mm, fake_addmm):
+        caopd._dtype_out.cache_clear()
+        monkeypatch.setattr(torch, "mm", fake_mm)
+        monkeypatch.setattr(torch, "addmm", fake_addmm)
+        try:
+            w = ws.clone().requires_grad_()
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = caopd.fused_linear_kl(hs, w, ht, wt, chunk_size=16)
+            loss.backward()
+            return loss.item(), caopd._dtype_out("mm", "cpu"), caopd._dtype_out("addmm", "cpu"), w.grad
+        finally:
+            monkeypatch.setattr(torch, "mm", mm)
+            monkeypatch.setattr(torch, "addmm", addmm)
+            caopd._dtype_out.cache_clear()
+
+    def refuses(f):
+        def call(*args, out_dtype=None, **kwargs):
+            if out_dtype is not None:
+                raise RuntimeError("out_dtype must be the same as the inputs' dtype")
+            return f(*args, **kwargs)
+        return call
+
+    def float32_out(f):
+        def call(*args, out_dtype=None, **kwargs):
+            if out_dtype is not None:
+                args = [a.to(out_dtype) if a.dtype == torch.bfloat16 else a for a in args]
+            return f(*args, **kwargs)
+        return call
+    rounded, *has_rounded, grad_r = loss_with(refuses(mm), refuses(addmm))
+    direct, *has_direct, grad_d = loss_with(float32_out(mm), float32_out(addmm))
+    assert has_rounded == [False, False] and has_direct == [True, True]
+    assert abs(direct - exact.item()) < abs(rounded - exact.item()) and abs(direct - exact.item()) < 1e-5
+    torch.testing.assert_close(grad_d, grad_r, rtol=0.05, atol=1e-4)
