@@ -2093,10 +2093,11 @@ def test_our_gpts_captured_decode_step_equals_the_eager_one(capsys):
         got = caopd.sample(model, prompts, 12, ENC.eot_token, temperature, generator=torch.Generator().manual_seed(1),
                            decoder=captured_step.decoder(model))
         assert got == want
-    # compiled once for these shapes, not per call; a new cache length compiles again, and says so
+    # compiled once for these shapes, not per call, and said; nearby cache lengths share one compiled step
     assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
+    assert captured_step.cache_length(len(prompts[0]), 12) == captured_step.cache_length(len(prompts[0]), 16)
     caopd.sample(model, prompts, 16, ENC.eot_token, 0.0, decoder=captured_step.decoder(model))
-    assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
+    assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 0
 
 def _cache_of(decode):
     return inspect.getclosurevars(decode).nonlocals["cache"]
@@ -2116,15 +2117,12 @@ def test_hugging_face_static_cache_and_captured_step(tiny_hf, capsys):
     captured = captured_step.decoder(model)
     assert caopd.sample(model, prompts, new, end, temperature=0, decoder=hf.decoder) == generated  # static cache, eager
     assert caopd.sample(model, prompts, new, end, temperature=0, decoder=captured) == generated
-    # the captured step keeps its cache (a CUDA graph reads it in place): other prompts of the same shape
-    # write theirs into it, and what the last call left after them is never read
-    kept = captured_step.KEPT[model][1]
+    # other prompts of the same shape: the same compiled step (each call has its own cache and model copy)
     other = [[p + 20 for p in prompt] for prompt in prompts]
     ids2 = torch.tensor([[0] * (T - len(p)) + p for p in other])
     want = model.generate(ids2, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
                           pad_token_id=0)[:, T:].tolist()
     assert caopd.sample(model, other, new, end, temperature=0, decoder=captured) == want != generated
-    assert captured_step.KEPT[model][1] is kept
     sampled = [caopd.sample(model, prompts, new, end, 1.0, generator=torch.Generator().manual_seed(2), decoder=d)
                for d in (hf.decoder, captured)]
     assert sampled[0] == sampled[1] and sampled[0][1] != sampled[0][2]  # same uniforms; the shared prompt's rows differ
@@ -2192,6 +2190,43 @@ def test_the_loss_chunk_is_sized_for_the_device(monkeypatch):
 # -----------------------------------------------------------------------------
 # the first GPU run, made safe by reading: the captured step without the per-token copies, memory
 # sized for what runs, and every torch requirements.txt admits
+
+def _counted_step(monkeypatch, graphs):
+    """captured.py's Hugging Face step compiled through bench.graph_counter (its aten graph, counted)."""
+    monkeypatch.setitem(captured_step.COMPILED, hf.decode_step,
+                        torch.compile(hf.decode_step, backend=bench.graph_counter(graphs), fullgraph=True))
+
+@torch.no_grad()
+def test_the_captured_hf_step_reads_grouped_keys_in_place_and_casts_no_weight(tiny_hf, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    assert model.config.num_attention_heads == 2 * model.config.num_key_value_heads  # grouped heads
+    prompts, new, graphs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [11, 12, 13], [14, 15, 16, 17]], 12, []
+    _counted_step(monkeypatch, graphs)
+    eager, captured = hf.decoder(model, prompts, new), captured_step.decoder(model)(model, prompts, new)
+    a, b, worst = eager(None), captured(None), 0.0
+    for _ in range(new - 1):
+        nxt = a.argmax(-1)
+        a, b = eager(nxt), captured(nxt)
+        worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+    assert worst < 1e-5, worst  # float32 rounding
+    assert "clone" not in graphs[-1]["moves"] and graphs[-1]["input_casts"] == 0  # keys, values read in place
+    assert model.config._attn_implementation == "sdpa"  # the copy's config names grouped_attention
+    # under bfloat16 autocast over float32 weights: the matrices are cast once a call, not in the step
+    with torch.autocast("cpu", torch.bfloat16):
+        greedy = [caopd.sample(model, prompts, new, 1, temperature=0, decoder=d)
+                  for d in (hf.decoder, captured_step.decoder(model))]
+    assert greedy[0] == greedy[1]
+    assert "clone" not in graphs[-1]["moves"] and graphs[-1]["input_casts"] == 0  # activations' casts only
+    twin, head = captured_step.decode_copy(model)  # without autocast: the model's own tensors
+    assert all(p is q for p, q in zip(twin.parameters(), model.parameters()))
+    assert head is caopd.output_weight(model)
+
+def test_the_captured_steps_cache_lengths_come_in_a_few_buckets():
+    lengths = {n: captured_step.cache_length(n - 1024, 1024) for n in range(1025, 4097)}
+    assert all(n <= L <= 1.25 * n and L % 64 == 0 for n, L in lengths.items())
+    assert sorted(set(lengths.values())) == [1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]  # 4 an octave
+    assert {captured_step.cache_length(p, 12) for p in range(1, 53)} == {64}
 
 def test_a_torch_without_the_dtype_out_product_imports_and_runs_the_loss():
     """torch before 2.8 has no mm/addmm out_dtype overload: its argument parser refuses out_dtype (a
