@@ -2228,6 +2228,20 @@ def test_the_captured_steps_cache_lengths_come_in_a_few_buckets():
     assert sorted(set(lengths.values())) == [1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]  # 4 an octave
     assert {captured_step.cache_length(p, 12) for p in range(1, 53)} == {64}
 
+def test_decode_weights_and_the_captured_cache_are_in_the_bound(monkeypatch):
+    model = bench.llama(64, 2)
+    params = sum(p.numel() for p in model.parameters())
+    assert memory.decode_weight_bytes(model, torch.bfloat16) == 2 * params  # autocast's or decode_copy's
+    assert memory.decode_weight_bytes(model, torch.float32) == 0
+    eager, captured = (memory.sampling_bytes(model, 320, 1024, torch.bfloat16, c) for c in (False, True))
+    per_position = memory.kv_bytes(model, torch.bfloat16) + 4 * model.config.num_attention_heads  # + scores
+    assert captured - eager == (1536 - 1344) * per_position  # its longer cache
+    # auto: the captured step for our GPT on a GPU only, never (yet) for a Hugging Face model
+    monkeypatch.setattr(cli, "resolve_device", lambda device: device)  # a GPU, as far as captures() asks
+    cfg = lambda **kw: type("C", (), {"compile_decode": "auto", "device": "cuda", "fsdp": False, **kw})
+    assert models.captures(cfg(init_from="scratch")) and not models.captures(cfg(init_from="Qwen/Qwen3-0.6B"))
+    assert models.captures(cfg(init_from="Qwen/Qwen3-0.6B", compile_decode="true"))
+
 def test_a_torch_without_the_dtype_out_product_imports_and_runs_the_loss():
     """torch before 2.8 has no mm/addmm out_dtype overload: its argument parser refuses out_dtype (a
     TypeError) and the dispatcher knows no such operator (a RuntimeError)."""
