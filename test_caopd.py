@@ -1760,13 +1760,20 @@ def test_bad_real_model_settings(tmp_path, capsys, monkeypatch):
     assert code == 2 and "--grad_checkpoint=True: Qwen3ForCausalLM" in err and "does not support" in err
     assert not (tmp_path / "o").exists()
 
-def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model():
+def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """python bench.py --gpu is for a machine with a GPU; --tiny runs the same code on a small model here."""
-    result = bench.bench_gpu(tiny=True)
-    assert set(result["rollouts"]) == {"eager", "captured"} and len(result["steps"]) == 4
-    assert all(r["tok_s"] > 0 for r in result["rollouts"].values()) and len(result["compile_s"]) == 1
+    result = bench.bench_gpu(tiny=True, out=str(tmp_path / "gpu.json"))
+    assert set(result["rollouts"]) == set(result["eval"]) == {"eager", "captured"}
+    assert len(result["steps"]) == 4
+    assert all(r["tok_s"] > 0 for r in [*result["rollouts"].values(), *result["eval"].values()])
+    assert len(result["compile_s"]) == 1 and result["rollouts"]["captured"]["rows_alike"] == 1.0
     assert all(r["step_s"] > 0 and 0 < r["rollout_share"] < 1 for r in result["steps"])
-    assert result["loss"]["ms"] > 0 and result["loss"]["chunk"] == 64
+    assert result["loss"]["ms"] > 0 and result["loss"]["chunk"] == 64 and not result["skipped"]
+    assert result["gpt_captured"]["same_greedy_tokens"]
+    assert result["loss_precision"]["float32_out"] == "emulated"  # this CPU has no float32-out product
+    assert json.loads((tmp_path / "gpu.json").read_text())["gpu"] == json.loads(json.dumps(result))
+    out = capsys.readouterr().out  # each figure printed as it is measured
+    assert out.count(" decode step: {") == 4 and out.count("  step, ") == 4 and "fused loss's error" in out
 
 # -----------------------------------------------------------------------------
 # several processes: torchrun with gloo on CPU
@@ -2227,6 +2234,11 @@ def test_the_captured_steps_cache_lengths_come_in_a_few_buckets():
     assert all(n <= L <= 1.25 * n and L % 64 == 0 for n, L in lengths.items())
     assert sorted(set(lengths.values())) == [1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]  # 4 an octave
     assert {captured_step.cache_length(p, 12) for p in range(1, 53)} == {64}
+
+def test_the_sampling_bound_covers_a_captured_calls_peak():
+    # one captured call (its first call compiles, the second is measured: bench.sampling_memory_worker)
+    m = bench.run_worker(worker="sample_memory", N=64, V=32, d=256, layers=2, decoder="captured")
+    assert 0 < m["measured_mib"] <= m["bound_mib"], m
 
 def test_decode_weights_and_the_captured_cache_are_in_the_bound(monkeypatch):
     model = bench.llama(64, 2)
