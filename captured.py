@@ -14,7 +14,9 @@ CUDA graph's memory (the step's working set) and the copy of the model the step 
 (decode_copy). Nothing is kept for the next call, so nothing is held through a backward pass.
 """
 import copy
+import gc
 import time
+import weakref
 
 import torch
 import torch.nn as nn
@@ -64,7 +66,9 @@ def replayed(step, args, state=()):
     (its KV cache's writes are the same each time), restored after those two runs. Elsewhere step
     itself; and where a capture fails, step itself, said once."""
     if not any(torch.is_tensor(a) and a.is_cuda for a in args):
-        return lambda: step(*args)
+        run = lambda: step(*args)
+        weakref.finalize(run, _collect_after_compiling, len(COMPILE_SECONDS))
+        return run
     graph, out = None, None
 
     def run():
@@ -91,7 +95,15 @@ def replayed(step, args, state=()):
             return step(*args)
         graph.replay()
         return out  # overwritten by the next replay: the caller reads it first
+    weakref.finalize(run, _collect_after_compiling, len(COMPILE_SECONDS))
     return run
+
+def _collect_after_compiling(compiles):
+    """At the end of a call (its step function freed): if it compiled, the compiler left reference
+    cycles holding the call's inputs (its KV cache, its copy of the model), which would otherwise
+    stay allocated, through the backward pass, until Python's cyclic collector happened to run."""
+    if len(COMPILE_SECONDS) > compiles:
+        gc.collect()
 
 def decode_copy(model):
     """(the model the captured step runs, its output weight (V, C)): model's modules over model's own

@@ -65,21 +65,30 @@ def static_cache(model, prompts, length):
     token's hidden state (B, C), the cache, the attention mask over all its positions (B, L: the
     positions after the prompt are all visible, causality hides those not yet written) and each
     row's next position (B,)."""
-    from transformers import StaticCache
     h0, dynamic, mask, pos = prefill(model, prompts)
     (B, T), dtype = mask.shape, dynamic.layers[0].values.dtype
-    cache = StaticCache(config=model.config, max_cache_len=length)
+    cache = _static_cache_class()(config=model.config, max_cache_len=length)
     heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
     cache.early_initialization(B, list(heads), list(dims), dtype, mask.device)
-    # keys and values in the compute dtype: under autocast Qwen3's keys leave its (float32) norm and
-    # rotary embedding in float32 beside bfloat16 values, and attention would cast the whole key cache
-    # at every step
-    update = cache.update
-    cache.update = lambda k, v, *args, **kwargs: update(k.to(dtype), v.to(dtype), *args, **kwargs)
     for s, d in zip(cache.layers, dynamic.layers):
         s.keys[:, :, :T], s.values[:, :, :T] = d.keys, d.values
         s.cumulative_length.fill_(T)
     return h0, cache, torch.cat([mask, mask.new_ones(B, length - T)], 1), pos
+
+@functools.cache  # one class: the compiled step's guards check the cache's class
+def _static_cache_class():
+    """transformers.StaticCache storing keys and values in its own dtype, the compute dtype: under
+    autocast Qwen3's keys leave its (float32) norm and rotary embedding in float32 beside bfloat16
+    values, and attention would cast the whole key cache at every step. A method, not a function
+    stored on the cache: that would be a reference cycle, and the cache (gigabytes) would outlive its
+    call until Python's cyclic collector ran."""
+    from transformers import StaticCache
+
+    class Cache(StaticCache):
+        def update(self, key_states, value_states, *args, **kwargs):
+            dtype = self.layers[0].keys.dtype
+            return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+    return Cache
 
 def decoder(model, prompts, max_new_tokens):
     """caopd.gpt_decoder's contract for a Hugging Face causal LM: the prompts' cache in a static

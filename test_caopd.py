@@ -2229,6 +2229,33 @@ def test_the_captured_hf_step_reads_grouped_keys_in_place_and_casts_no_weight(ti
     assert all(p is q for p, q in zip(twin.parameters(), model.parameters()))
     assert head is caopd.output_weight(model)
 
+def test_a_sampling_calls_cache_and_model_copy_are_freed_when_it_returns(tiny_hf, monkeypatch):
+    """Nothing of a call may outlive it (the backward pass comes next): not through a reference cycle
+    (freed only when Python's collector runs), not even from a call that compiled the step."""
+    import gc
+    import weakref
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    made = []
+    for module, name, index in ((hf, "static_cache", 1), (captured_step, "decode_copy", 0)):
+        def recorded(*args, _f=getattr(module, name), _i=index):
+            out = _f(*args)
+            made.append(weakref.ref(out[_i]))
+            return out
+        monkeypatch.setattr(module, name, recorded)
+    fast = torch.compile(hf.decode_step, backend="eager")  # dynamo's cycles without inductor's time
+    monkeypatch.setitem(captured_step.COMPILED, hf.decode_step, fast)
+    gc.disable()
+    try:
+        captured = captured_step.decoder(model)
+        for decoder in (hf.decoder, captured, captured):  # a captured call that compiles, then one not
+            made.clear()
+            with torch.autocast("cpu", torch.bfloat16):
+                caopd.sample(model, [[5, 6, 7]] * 4, 6, 1, temperature=0, decoder=decoder)
+            assert made and all(r() is None for r in made)
+    finally:
+        gc.enable()
+
 def test_the_captured_steps_cache_lengths_come_in_a_few_buckets():
     lengths = {n: captured_step.cache_length(n - 1024, 1024) for n in range(1025, 4097)}
     assert all(n <= L <= 1.25 * n and L % 64 == 0 for n, L in lengths.items())
