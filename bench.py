@@ -1182,23 +1182,32 @@ GPUS = {24: "RTX 4090", 80: "A100, H100", 139: "H200"}  # memory as the device r
 def fits_table(real):
     """What fits on one GPU at the paper's settings, from bench_real's measured constants.
     Memory = 18 bytes x parameters (float32 weights, gradients and AdamW's two moments, and a frozen
-    bfloat16 teacher: exact arithmetic) + activations of one micro-batch (measured: Qwen3-0.6B's
-    extra memory per sequence token under bfloat16 autocast, from 8 and 16 sequences at once on the
-    CPU, scaled to other sizes by hidden size x layers) + the rollouts' bfloat16 KV cache (exact
-    arithmetic: layers x 2 x 8 KV heads x 128 x 2 bytes per token of rollout_batch rows) + the fused loss's float32
-    gradient of the output layer (V x d x 4 bytes) and its buffers (~100 MB)."""
+    bfloat16 teacher: exact arithmetic) + the larger of what training and sampling hold on top, never
+    at once (a sampling call frees all it allocated when it returns, before the backward pass):
+    training, the activations of one micro-batch (measured: Qwen3-0.6B's extra memory per sequence
+    token under bfloat16 autocast, from 8 and 16 sequences at once on the CPU, scaled to other sizes by
+    hidden size x layers), the fused loss's float32 gradient of the output layer (V x d x 4 bytes) and
+    its buffers (~100 MB); sampling, memory.sampling_bytes's arithmetic for rollout_batch rows (the
+    bfloat16 KV cache, layers x 2 x 8 KV heads x 128 x 2 bytes a position, of the captured step's
+    longer cache; the step's working set and sample's logits) and a bfloat16 copy of the weights."""
     rows = {(r["grad_checkpoint"], r["sequences"]): r for r in real["rows"]
             if r["dtype"] == "bfloat16" and r["micro_batch"] == 0}
     tokens_per_seq = real["tokens_per_sequence"]  # the measurement's student prompt + new tokens
     per_token = {ck: (rows[(ck, 16)]["peak_mib"] - rows[(ck, 8)]["peak_mib"]) * 2**20 / (8 * tokens_per_seq)
                  for ck in (False, True)}  # bytes per token of a micro-batch, at 0.6B
-    sizes = {"0.6B": (0.596e9, 1024, 28), "1.7B": (1.72e9, 2048, 28), "4B": (4.02e9, 2560, 36), "8B": (8.19e9, 4096, 36)}
-    seq, rows_out = 300 + 1024, []  # a ~300-token prompt and 1,024 new tokens
-    for name, (P, d, layers) in sizes.items():
+    sizes = {"0.6B": (0.596e9, 1024, 28, 16, 3072), "1.7B": (1.72e9, 2048, 28, 16, 6144),
+             "4B": (4.02e9, 2560, 36, 32, 9728), "8B": (8.19e9, 4096, 36, 32, 12288)}  # and heads, MLP
+    prompt, new, V, rows_out = 300, 1024, 151936, []  # a ~300-token prompt and 1,024 new tokens
+    length = captured.cache_length(prompt, new)
+    for name, (P, d, layers, heads, mlp) in sizes.items():
         scale = d * layers / (1024 * 28)
+        kv = layers * 2 * 8 * 128 * 2  # bytes a position
+        per_row = (kv * length + prompt * (kv + (4 * d + 3 * mlp) * 2 + 4 * 8 * prompt)  # sampling_bytes
+                   + 4 * heads * length + (4 * d + 3 * mlp + heads * 128) * 2 + 6 * V + 16 * V)
         for mb, ck, rb in ((64, False, 64), (16, False, 64), (16, True, 64), (4, True, 16)):
-            gib = (18 * P + per_token[ck] * scale * mb * seq + layers * 2 * 8 * 128 * 2 * rb * seq
-                   + 151936 * d * 4 + 100e6) / 2**30
+            training = per_token[ck] * scale * mb * (prompt + new) + V * d * 4 + 100e6
+            sampling = 2 * P + rb * per_row
+            gib = (18 * P + max(training, sampling)) / 2**30
             rows_out.append({"model": name, "micro_batch": mb, "grad_checkpoint": ck, "rollout_batch": rb, "gib": gib,
                              **{f"fits_{g}": gib < g * 0.93 for g in GPUS}})  # ~7% for CUDA's own
     return {"bytes_per_token_0.6B": per_token, "rows": rows_out}
