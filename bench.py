@@ -27,7 +27,7 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
     python bench.py --precision     # what bfloat16 weights lose under AdamW at real learning rates: ~1 minute
     python bench.py --memory        # a step's peak memory against prompts per step, micro-batches: ~5 minutes
     python bench.py --real          # Qwen3-0.6B's shapes on the CPU, and what fits on a GPU: ~25 minutes
-    python bench.py --gpu           # on a CUDA GPU: the paper's settings at Qwen3-0.6B's shapes
+    python bench.py --gpu           # the one device check (docs/gpu.md): Qwen3-0.6B, paper's shapes, <8 min
     python bench.py --fsdp          # 2 processes (gloo): peak memory per process, FSDP2 against DDP: ~3 minutes
     python bench.py --decode        # the decode step: operations and host reads per token, tok/s vs generate: ~12 min
     python bench.py --copies        # the decode step's copies and casts per token, eager and captured: ~9 min
@@ -1527,8 +1527,9 @@ if __name__ == "__main__":
     p.add_argument("--real", action="store_true", help="Qwen3-0.6B's shapes through train_small.py on the CPU: "
                    "seconds and peak memory per step, float32 / bfloat16, micro-batches, checkpointing; the table "
                    "of what fits on a GPU: ~25 minutes and 20 GB of RAM")
-    p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: rollout tokens/s, step time and peak memory "
-                   "at Qwen3-0.6B's shapes with the paper's settings, fused against unfused loss, micro-batches")
+    p.add_argument("--gpu", action="store_true", help="the one device check (docs/gpu.md), within 8 "
+                   "minutes on a GPU: rollouts and a 300-row evaluation eager and captured, memory against "
+                   "the bound, a step's time split, the fused loss; each figure printed and written to --out")
     p.add_argument("--fsdp", action="store_true", help="2 processes (gloo): peak memory per process of a Llama of "
                    "width 1024 x 8 layers under FSDP2 against DDP, and after loading: ~3 minutes")
     p.add_argument("--first_run", action="store_true", help="the default train_small.py run one method after the "
