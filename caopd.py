@@ -575,7 +575,7 @@ class _FusedLinearKL(torch.autograd.Function):
                 grad_h[r] = (g.to(ws_mm.dtype) @ ws_mm).to(hs.dtype)  # (n, d_s) = (n, V) @ (V, d_s)
             if need_w and mm is None:
                 grad_w.addmm_(g.T, h_s.to(acc))  # (V, d_s) += (V, n) @ (n, d_s), in place
-            elif need_w and _dtype_out("addmm", ws.device.type):  # bfloat16 products added into float32 in place
+            elif need_w and _dtype_out("addmm", ws.device.type):  # bfloat16 products, float32 sum, in place
                 torch.addmm(grad_w, g.T.to(mm), h_s, out_dtype=acc, out=grad_w)
             elif need_w:  # the product in bfloat16, a (V, d_s) temporary, the sum in float32
                 grad_w += g.T.to(mm) @ h_s
