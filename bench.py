@@ -27,9 +27,10 @@ Prints markdown tables (for the README) and PASS/FAIL per target, and writes ben
     python bench.py --precision     # what bfloat16 weights lose under AdamW at real learning rates: ~1 minute
     python bench.py --memory        # a step's peak memory against prompts per step, micro-batches: ~5 minutes
     python bench.py --real          # Qwen3-0.6B's shapes on the CPU, and what fits on a GPU: ~25 minutes
-    python bench.py --gpu           # on a CUDA GPU: the paper's settings at Qwen3-0.6B's shapes
+    python bench.py --gpu           # the one device check (docs/gpu.md): Qwen3-0.6B, paper's shapes, <8 min
     python bench.py --fsdp          # 2 processes (gloo): peak memory per process, FSDP2 against DDP: ~3 minutes
     python bench.py --decode        # the decode step: operations and host reads per token, tok/s vs generate: ~12 min
+    python bench.py --copies        # the decode step's copies and casts per token, eager and captured: ~9 min
     python bench.py --first_run     # the default run one method after the other against side by side: ~30 minutes
 
 Timings on a shared machine are noisy: compare the ratios, which are measured side by side.
@@ -549,14 +550,26 @@ def bench_precision(steps=3):
               f"{rows[-1]['movement_bfloat16_over_float32']:.0%} of float32's", flush=True)
     return rows
 
-def bench_gpu(tiny=False):
-    """Where CUDA is present: Qwen3-0.6B's shapes at the paper's settings (8 prompts x K = 8
-    rollouts x 1,024 new tokens; random prompts of 300 tokens, the teacher's of 800), bfloat16
-    autocast over float32 weights, a frozen bfloat16 teacher: rollout tokens per second, then the
-    seconds and peak GPU memory of one distillation step (train_small.kl_backward + AdamW), with the
-    fused loss and the unfused reference, every sequence at once and 16 at a time. A random model
-    never stops early, so every completion is the full 1,024 tokens (the worst case).
-    tiny=True: a small model and short sequences on any device, to check the script itself."""
+def bench_gpu(tiny=False, out=None, budget_s=480):
+    """The one prepared device check (python bench.py --gpu): Qwen3-0.6B's shapes at the paper's
+    settings (8 prompts x K = 8 rollouts x 1,024 new tokens; random prompts of 300 tokens, the
+    teacher's of 800), bfloat16 autocast over float32 weights, a frozen bfloat16 teacher. In order,
+    each printed as it is measured and written to `out` (JSON) at once, so that a run cut short
+    keeps what it measured:
+      1. rollouts, eager then captured (whose first call compiles; its second is measured): tokens/s,
+         peak memory against memory's bound (sampling_bytes x rows + decode_weight_bytes), and how
+         many rows the two sampled alike (the same random numbers; bfloat16 rounding may differ);
+      2. a 300-row evaluation (300 distinct prompts, a cache for 1,024 new tokens): tokens/s over 64
+         greedy steps, eager then captured, peak memory against the bound;
+      3. one distillation step's time split (rollouts, train_small.kl_backward, AdamW) and peak
+         memory, fused loss and the unfused reference, all sequences at once and 16 at a time;
+      4. the fused loss alone at 8,192 x 4,096 x 128,256, and its error against the plain loss
+         (loss_precision), with the logits written in float32 straight from the product and rounded
+         to bfloat16 first;
+      5. our GPT's captured step against its eager one on the device (the toy's default there).
+    A section that would start after budget_s seconds is skipped, and said. A random model never
+    stops early: every completion is the full 1,024 tokens (the worst case). tiny=True: a small model
+    and short sequences on any device, to check the script itself."""
     import cli
     import train_small as ts
     from transformers import AutoModelForCausalLM, Qwen3Config
@@ -567,69 +580,227 @@ def bench_gpu(tiny=False):
     if tiny:
         config = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
-        questions, K, new, prompt, teacher_prompt, micro = 2, 2, 8, 12, 20, 2
+        questions, K, new, prompt, teacher_prompt, micro, eval_rows, eval_steps = 2, 2, 8, 12, 20, 2, 4, 4
     else:
         config = qwen3_config("0.6B")
         questions, K, new, prompt, teacher_prompt, micro = 8, 8, 1024, 300, 800, 16
+        eval_rows, eval_steps = 300, 64
+    t_start, on_gpu = time.perf_counter(), device == "cuda"
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config).to(device).eval()  # float32 master weights
+    with torch.device(device):  # initialised where it runs: a 0.6B model's random init on a CPU takes a while
+        model = AutoModelForCausalLM.from_config(config).to(device).eval()  # float32 master weights
     teacher = models.frozen_copy(model, torch.bfloat16)
     g = torch.Generator().manual_seed(SEED)
     distinct = [torch.randint(3, config.vocab_size, (prompt,), generator=g).tolist() for _ in range(questions)]
     prompts = [p for p in distinct for _ in range(K)]
     teacher_prompts = [torch.randint(3, config.vocab_size, (teacher_prompt,), generator=g).tolist()
                        for _ in range(questions) for _ in range(K)]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    eval_prompts = [torch.randint(3, config.vocab_size, (prompt,), generator=g).tolist()
+                    for _ in range(eval_rows)]
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     cfg = ts.settings(init_from="bench", dtype="bfloat16", device=device)
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "questions": questions, "K": K,
-              "new_tokens": new, "prompt": prompt, "teacher_prompt": teacher_prompt, "rollouts": {}, "steps": []}
-    for name, compiled in (("eager", False), ("captured", True)):  # rollouts: the paper's 64 rows x 1,024 tokens
-        for rep in range(2 if compiled else 1):  # the captured step's first call compiles
-            with cli.autocast(cfg):
+    result = {"device": torch.cuda.get_device_name() if on_gpu else device, "torch": torch.__version__,
+              "questions": questions, "K": K, "new_tokens": new, "prompt": prompt,
+              "teacher_prompt": teacher_prompt,
+              "eval_rows": eval_rows, "rollouts": {}, "eval": {}, "steps": [], "skipped": []}
+    gib = lambda b: None if b is None else float(f"{b / 2**30:.3g}")
+
+    def save():
+        if out:
+            tmp = out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"machine": machine_info(), "gpu": result}, f, indent=1)
+            os.replace(tmp, out)
+
+    def in_budget(section):
+        if time.perf_counter() - t_start < budget_s:
+            return True
+        result["skipped"].append(section)
+        print(f"  {section}: skipped (past the {budget_s} s budget)", flush=True)
+        save()
+        return False
+
+    def measured(fn):
+        """(fn()'s value, its seconds, the peak memory it allocated above what was allocated before)."""
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        sync()
+        t0 = time.perf_counter()
+        value = fn()
+        sync()
+        seconds = time.perf_counter() - t0
+        return value, seconds, (torch.cuda.max_memory_allocated() - base if on_gpu else None)
+
+    def bound(rows, prompt_len, captured_step):
+        return rows * memory.sampling_bytes(model, prompt_len, new, torch.bfloat16, captured_step) + \
+            memory.decode_weight_bytes(model, torch.bfloat16)
+
+    completions = None
+    decoders = (("eager", hf.decoder), ("captured", captured.decoder(model)))
+    if in_budget("rollouts"):  # the paper's 64 rows x 1,024 tokens
+        for name, decoder in decoders:
+            try:
+                for rep in range(2 if name == "captured" else 1):  # the captured step's first call compiles
+                    with cli.autocast(cfg):
+                        sampled, seconds, peak = measured(lambda: caopd.sample(
+                            model, prompts, new, end_id=config.vocab_size, temperature=1.0,
+                            generator=torch.Generator(device).manual_seed(SEED), decoder=decoder))
+                r = {"tok_s": sum(map(len, sampled)) / seconds, "s": seconds, "peak_gib": gib(peak),
+                     "bound_gib": gib(bound(len(prompts), prompt, name == "captured"))}
+                r["covered"] = None if peak is None else r["peak_gib"] <= r["bound_gib"]
+                if completions is not None:
+                    r["rows_alike"] = sum(a == b for a, b in zip(sampled, completions)) / len(prompts)
+                completions = completions or sampled
+            except Exception as e:  # a device's failure is a figure too
+                r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            result["rollouts"][name] = r
+            print(f"  rollouts, {name} decode step: {json.dumps(r)}", flush=True)
+            save()
+        result["compile_s"] = captured.COMPILE_SECONDS[:]
+    if in_budget("evaluation"):  # eval_rows distinct prompts, greedy, timed over eval_steps tokens
+        for name, decoder in decoders:
+            def run():
+                decode = decoder(model, eval_prompts, new)
+                nxt = decode(None).argmax(-1)
                 sync()
                 t0 = time.perf_counter()
-                completions = caopd.sample(model, prompts, new, end_id=config.vocab_size, temperature=1.0,
-                                           generator=torch.Generator(device).manual_seed(SEED),
-                                           decoder=captured.decoder(model) if compiled else hf.decoder)
+                for _ in range(eval_steps):
+                    nxt = decode(nxt).argmax(-1)
                 sync()
-                seconds = time.perf_counter() - t0
-        n_tokens = sum(map(len, completions))
-        result["rollouts"][name] = {"tok_s": n_tokens / seconds, "s": seconds}
-        print(f"  rollouts, {name} decode step: {len(prompts)} x {new} tokens in {seconds:.1f} s = "
-              f"{n_tokens / seconds:.0f} tok/s", flush=True)
-    result["compile_s"] = captured.COMPILE_SECONDS[:1]
+                return time.perf_counter() - t0
+            try:
+                with torch.no_grad(), cli.autocast(cfg):
+                    if name == "captured":
+                        run()  # compiles for this shape
+                    seconds, _, peak = measured(run)
+                r = {"tok_s": eval_rows * eval_steps / seconds, "ms_per_token": 1000 * seconds / eval_steps,
+                     "peak_gib": gib(peak), "bound_gib": gib(bound(eval_rows, prompt, name == "captured"))}
+                r["covered"] = None if peak is None else r["peak_gib"] <= r["bound_gib"]
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            result["eval"][name] = r
+            print(f"  {eval_rows}-row evaluation, {name} decode step: {json.dumps(r)}", flush=True)
+            save()
+    if completions is None:  # the rollouts were skipped: the step needs completions
+        completions = [[3] * new for _ in prompts]
     unfused = lambda hs, ws, ht, wt, w, tokens: caopd.linear_kl_reference(hs, ws, ht, wt, w)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    rollout_s = min((r["s"] for r in result["rollouts"].values() if "s" in r), default=None)
     for loss_name, estimator in (("fused", None), ("unfused", unfused)):
         for mb in (0, micro):
+            if not in_budget(f"step, {loss_name} loss, micro_batch={mb}"):
+                continue
             cfg = ts.settings(init_from="bench", dtype="bfloat16", device=device, micro_batch=mb)
             row = {"loss": loss_name, "micro_batch": mb}
+            net = caopd.Distiller(model, teacher, **models.seams(model))
             try:
-                for i in range(2):  # the first step makes AdamW's state; the second is measured
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
-                    sync()
-                    t0 = time.perf_counter()
+                for _ in range(2):  # the first step makes AdamW's state; the second is measured
                     opt.zero_grad(set_to_none=True)
-                    ts.kl_backward(cfg, caopd.Distiller(model, teacher, **models.seams(model)), prompts, completions,
-                                   teacher_prompts, estimator)
-                    opt.step()
-                    sync()
-                row["step_s"] = time.perf_counter() - t0
-                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+                    _, backward_s, peak = measured(lambda: ts.kl_backward(cfg, net, prompts, completions,
+                                                                          teacher_prompts, estimator))
+                    _, update_s, _ = measured(opt.step)
+                row.update(backward_s=backward_s, update_s=update_s, step_s=backward_s + update_s,
+                           peak_gib=gib(peak))
+                if rollout_s:  # the rollouts' share of a step (the faster decode step's)
+                    row["rollout_s"] = rollout_s
+                    row["rollout_share"] = rollout_s / (rollout_s + row["step_s"])
             except torch.OutOfMemoryError:
-                row["step_s"], row["peak_gib"] = None, "OOM"
-                opt.zero_grad(set_to_none=True)
-            if row["step_s"]:  # the rollouts' share of a step (the captured ones)
-                rollout_s = result["rollouts"]["captured"]["s"]
-                row["rollout_share"] = rollout_s / (rollout_s + row["step_s"])
+                row["peak_gib"] = "OOM"
+            opt.zero_grad(set_to_none=True)
             result["steps"].append(row)
-            print(f"  step, {loss_name} loss, micro_batch={mb}: "
-                  + ("out of memory" if row["peak_gib"] == "OOM" else f"{row['step_s']:.1f} s, peak {row['peak_gib']} GiB"),
-                  flush=True)
-    result["loss"] = bench_gpu_loss(device, (64, 32, 512) if tiny else (8192, 4096, 128256))
+            print(f"  step, {loss_name} loss, micro_batch={mb}: {json.dumps(row)}", flush=True)
+            save()
+    del opt
+    if in_budget("fused loss"):
+        result["loss"] = bench_gpu_loss(device, (64, 32, 512) if tiny else (8192, 4096, 128256))
+        save()
+    if in_budget("loss precision"):
+        result["loss_precision"] = loss_precision(device, (64, 32, 512) if tiny else (2048, 1024, 151936))
+        save()
+    if in_budget("our GPT's captured step"):
+        result["gpt_captured"] = gpt_captured_check(device)
+        save()
+    result["elapsed_s"] = time.perf_counter() - t_start
+    save()
     return result
+
+def gpt_captured_check(device, rows=16, new=24):
+    """The toy's GPT (train_small's shape, random weights), float32: greedy tokens and logits of its
+    captured step against its eager one on `device` (on a GPU the CUDA graph path)."""
+    import train_small as ts
+    from data import arith
+    torch.manual_seed(SEED)
+    vocab = caopd.toy_tokenizer(arith.VOCAB_TEXT).n_vocab
+    model = caopd.GPT(caopd.GPTConfig(vocab_size=vocab, block_size=ts.block_size)).to(device).eval()
+    g = torch.Generator().manual_seed(SEED)
+    prompts = [torch.randint(0, vocab, (16,), generator=g).tolist()] * rows
+    outs, worst = [], 0.0
+    with torch.no_grad():
+        eager, capt = caopd.gpt_decoder(model, prompts, new), captured.gpt_decoder(model, prompts, new)
+        a, b = eager(None), capt(None)
+        for _ in range(new - 1):
+            nxt = a.argmax(-1)
+            a, b = eager(nxt), capt(nxt)
+            worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+        for d in (caopd.gpt_decoder, captured.decoder(model)):
+            outs.append(caopd.sample(model, prompts, new, end_id=vocab, temperature=0, decoder=d))
+    r = {"worst_relative_logit_difference": worst, "same_greedy_tokens": outs[0] == outs[1]}
+    print(f"  our GPT's captured step on {device}: {json.dumps(r)}", flush=True)
+    return r
+
+def loss_precision(device, shape):
+    """The fused loss's error under bfloat16 autocast at (N, d, V), against the plain loss in float64
+    of the same bfloat16-rounded operands (what the logits' own rounding adds) and of the float32
+    inputs: the loss's absolute error and each gradient's largest error relative to its largest
+    entry, with the logits rounded to bfloat16 before the float32 softmax ("rounded") and written in
+    float32 straight from the product ("float32 out"). Where the device has no such product the
+    second is emulated, said in the result: the bfloat16 operands multiplied in float32 (what the
+    GPU kernel computes, but for the order of its sums)."""
+    N, d, V = shape
+    g = torch.Generator(device).manual_seed(SEED)
+    hs = torch.randn(N, d, generator=g, device=device) / d ** 0.5
+    ws = torch.randn(V, d, generator=g, device=device) * 2
+    ht = hs + 0.5 * torch.randn(N, d, generator=g, device=device) / d ** 0.5
+    wt = ws + 0.5 * torch.randn(V, d, generator=g, device=device)
+
+    def reference(cast):
+        h, w = (hs.to(cast).double().requires_grad_(), ws.to(cast).double().requires_grad_())
+        loss = caopd.linear_kl_reference(h, w, ht.to(cast).double(), wt.to(cast).double())
+        loss.backward()
+        return loss.item(), h.grad, w.grad
+
+    refs = {"bfloat16_operands": reference(torch.bfloat16), "float32_inputs": reference(torch.float32)}
+    native = caopd._dtype_out("mm", torch.device(device).type)
+    mm, addmm = torch.mm, torch.addmm
+
+    def emulated_mm(a, b, out_dtype=None, out=None):
+        return mm(a.to(out_dtype), b.to(out_dtype), out=out) if out_dtype else mm(a, b, out=out)
+
+    def emulated_addmm(c, a, b, out_dtype=None, out=None):
+        return addmm(c, a.to(out_dtype), b.to(out_dtype), out=out) if out_dtype else addmm(c, a, b, out=out)
+
+    r = {"shape": shape, "float32_out": "native" if native else "emulated"}
+    for path in ("rounded", "float32 out"):
+        dtype_out = caopd._dtype_out
+        caopd._dtype_out = lambda op, device_type: path == "float32 out"
+        if path == "float32 out" and not native:
+            torch.mm, torch.addmm = emulated_mm, emulated_addmm
+        try:
+            h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+            with torch.autocast(torch.device(device).type, torch.bfloat16):
+                loss = caopd.fused_linear_kl(h, w, ht, wt)
+            loss.backward()
+        finally:
+            caopd._dtype_out, torch.mm, torch.addmm = dtype_out, mm, addmm
+        for name, (ref_loss, ref_h, ref_w) in refs.items():
+            r[f"{path}, against {name}"] = {
+                "loss": abs(loss.item() - ref_loss),
+                "grad_h": ((h.grad.double() - ref_h).abs().max() / ref_h.abs().max()).item(),
+                "grad_w": ((w.grad.double() - ref_w).abs().max() / ref_w.abs().max()).item()}
+    print(f"  fused loss's error under bfloat16 autocast at N={N}, d={d}, V={V}: {json.dumps(r)}", flush=True)
+    return r
 
 def bench_gpu_loss(device, shape, reps=5):
     """fused_linear_kl forward + backward at (N, d, V) under bfloat16 autocast, float32 weights (a
@@ -744,6 +915,150 @@ def compiled_launches_per_step(model, prompts):
                           and not e.cpu_parent.name.startswith("aten::") for e in prof.events()))
     return {"library_calls": (counts[1] - counts[0]) / 16, "generated_kernels": kernels}
 
+# What the decode step copies per token: the operations that only move or cast data, and their bytes
+
+MOVES = ("_to_copy", "clone", "copy_", "cat", "stack", "repeat", "repeat_interleave", "expand_copy")
+WRITES = {"index_copy": 3, "index_copy_": 3, "index_put": 2, "index_put_": 2}  # cache writes: source arg
+
+def _nbytes(x):
+    leaves = torch.utils._pytree.tree_leaves(x)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+class StepCounts:
+    """Tallies of aten operations: all, those that are not views, those that only move or cast data
+    (MOVES: each a copy of its output) with the bytes they write, among them the casts of the step's
+    floating-point inputs (its weights, its cache: the same every token), and the bytes written into
+    the KV cache (WRITES: the new entries, whatever the op returns; a compiled graph's index_copy
+    returns the whole cache, which inductor writes in place)."""
+
+    def __init__(self):
+        self.ops = self.not_views = self.cache_write_bytes = self.input_casts = self.input_cast_bytes = 0
+        self.moves, self.move_bytes = {}, {}
+
+    def add(self, op, out, args, of_input=False):
+        """of_input: whether args[0] is an input of the step (a weight, the cache), not one it computed."""
+        name = op.overloadpacket.__name__
+        self.ops += 1
+        self.not_views += not op.is_view
+        if name in MOVES:
+            self.moves[name] = self.moves.get(name, 0) + 1
+            self.move_bytes[name] = self.move_bytes.get(name, 0) + _nbytes(out)
+            if name == "_to_copy" and of_input and args[0].is_floating_point():
+                self.input_casts += 1
+                self.input_cast_bytes += _nbytes(out)
+        elif name in WRITES:
+            self.cache_write_bytes += _nbytes(args[WRITES[name]])
+
+    def per(self, n):
+        return {"ops": self.ops / n, "not_views": self.not_views / n,
+                "moves": {k: v / n for k, v in self.moves.items()},
+                "move_bytes": sum(self.move_bytes.values()) / n,
+                "move_bytes_by_op": {k: v / n for k, v in self.move_bytes.items()},
+                "input_casts": self.input_casts / n, "input_cast_bytes": self.input_cast_bytes / n,
+                "cache_write_bytes": self.cache_write_bytes / n}
+
+def eager_step_counts(decode, nxt, steps=8):
+    """StepCounts of decode(nxt) per call, by a dispatch mode over `steps` calls after one (autocast's
+    casts of the weights are made at the first and cached for the call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    counts = StepCounts()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            counts.add(func, out, args, of_input=bool(args) and isinstance(args[0], torch.nn.Parameter))
+            return out
+    decode(nxt)
+    with Count():
+        for _ in range(steps):
+            decode(nxt)
+    return counts.per(steps)
+
+def graph_counter(graphs):
+    """A torch.compile backend that appends the StepCounts of each forward graph it is given (the aten
+    graph inductor would compile: one call of it is one decode step) to graphs, then runs the graph."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def forward(gm, example_inputs):
+        counts = StepCounts()
+        val = lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+                first = n.args[0] if n.args else None
+                counts.add(n.target, val(n), [val(a) for a in n.args],
+                           of_input=isinstance(first, torch.fx.Node) and first.op == "placeholder")
+        graphs.append(counts.per(1))
+        return gm
+    return aot_autograd(fw_compiler=forward)
+
+def copies_worker(args):
+    """--worker=copies: the decode step of a Qwen3-0.6B-shaped model cut to --N layers (vocabulary
+    151,936; 64 rows: 8 prompts of 320 tokens x K = 8; a cache for 1,024 new tokens; bfloat16 autocast
+    over float32 weights, as on a GPU), eager (hf.decoder: eager_step_counts) and captured
+    (captured.decoder: the graph its torch.compile is given, through graph_counter), with the caopd,
+    hf and captured this process imported (bench_copies imports another checkout's first). Prints a
+    JSON line."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    config = qwen3_config("0.6B")
+    config.num_hidden_layers = args.N
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(SEED)
+    distinct = [torch.randint(3, config.vocab_size, (320,), generator=g).tolist() for _ in range(8)]
+    prompts = [p for p in distinct for _ in range(8)]
+    graphs, compile_ = [], torch.compile
+    torch.compile = lambda fn, mode=None, **kw: compile_(fn, backend=graph_counter(graphs), **kw)
+    out = {"layers": args.N, "rows": len(prompts), "prompt": 320, "new": 1024}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        decode = hf.decoder(model, prompts, 1024)
+        nxt = decode(None).argmax(-1)
+        out["eager"] = eager_step_counts(decode, nxt, steps=2)
+        decode = captured.decoder(model)(model, prompts, 1024)
+        decode(None)
+        decode(nxt)
+        out["captured"] = graphs[-1]
+    # the caches' lengths, as each checkout's decoders make them (the captured one's own, where it has one)
+    lengths = {"eager": hf.cache_length(320, 1024),
+               "captured": getattr(captured, "cache_length", hf.cache_length)(320, 1024)}
+    print(json.dumps({**out, "cache_length": lengths}))
+
+def bench_copies(before=None):
+    """copies_worker at 1 and 2 layers, for this checkout and, given, the one in `before`; the
+    per-layer difference scaled to Qwen3-0.6B's 28 layers (arithmetic: every layer is alike)."""
+    results = {}
+    for code in ("now",) + (("before",) if before else ()):
+        for layers in (1, 2):
+            if code == "now":
+                r = run_worker(worker="copies", N=layers)
+            else:  # this file's functions over the other checkout's modules
+                src = (f"import sys, importlib.util; sys.path[:0] = [{before!r}]; "
+                       f"spec = importlib.util.spec_from_file_location('bench_now', {HERE + '/bench.py'!r}); "
+                       f"b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
+                       f"b.copies_worker(b.SimpleNamespace(N={layers}))")
+                p = subprocess.run([sys.executable, "-c", src], cwd=before, capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise RuntimeError(f"the copies worker over {before} failed:\n{p.stderr[-3000:]}")
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+            results.setdefault(code, {})[layers] = r
+        for path in ("eager", "captured"):
+            one, two = (results[code][n][path] for n in (1, 2))
+            for r in (one, two):
+                r["clone_bytes"] = r["move_bytes_by_op"].get("clone", 0)
+            keys = ("not_views", "clone_bytes", "input_casts", "input_cast_bytes", "move_bytes",
+                    "cache_write_bytes")
+            at28 = {k: one[k] + 27 * (two[k] - one[k]) for k in keys}
+            results[code].setdefault("at_28_layers", {})[path] = at28
+            mib = lambda b: f"{b / 2**20:,.1f}"
+            three = lambda k, f=lambda v: f"{v:.0f}": " / ".join(f(r[k]) for r in (one, two, at28))
+            length = results[code][1]["cache_length"][path]
+            print(f"  {code}, {path} (cache of {length}): per token at 1 / 2 / 28 layers: operations (not "
+                  f"views) {three('not_views')}; clones {three('clone_bytes', mib)} MiB; casts of weights "
+                  f"{three('input_casts')}, {three('input_cast_bytes', mib)} MiB; all copies and casts "
+                  f"{three('move_bytes', mib)} MiB", flush=True)
+    return results
+
 def bench_decode(before=None, reps=3):
     """caopd.sample's decode step at 64 rows (8 prompts x K = 8, 48 to 80 tokens, left-padded) x 64
     new tokens, greedy, one thread, on Llamas of Qwen3-0.6B's depth at width 64 (each operation
@@ -810,7 +1125,7 @@ def bench_decode(before=None, reps=3):
         if "per_step" in r:
             print(f"    per decode step: {json.dumps(r['per_step'])}", flush=True)
     for rows, new in ((64, 256), (256, 64)):  # what a sampling call holds, against fit_batches' bound
-        m = run_worker(worker="sample_memory", N=rows, V=new)
+        m = run_worker(worker="sample_memory", N=rows, V=new, d=1024, layers=8, decoder="eager")
         results[-1].setdefault("memory", []).append(m)
         print(f"  one call of {rows} rows x {new} new tokens (width 1024 x 8 layers, float32): peak "
               f"{m['measured_mib']:.0f} MiB above the model, memory.sampling_bytes bounds it at {m['bound_mib']:.0f} "
@@ -819,21 +1134,36 @@ def bench_decode(before=None, reps=3):
 
 def sampling_memory_worker(args):
     """--worker=sample_memory: the peak resident memory one caopd.sample call adds (--N rows x --V new
-    tokens, the Llama of width 1024 x 8 layers, greedy, float32) against memory.sampling_bytes's bound
-    for it, printed as a JSON line."""
+    tokens, a Llama of width --d x --layers layers, sampled, float32) against memory.sampling_bytes's
+    bound for it, printed as a JSON line. --decoder=captured: the captured step, whose first call
+    compiles it; measured is a second call, of other prompts of the same lengths (the compiler's own
+    memory is not the call's)."""
+    import ctypes
     torch.set_num_threads(1)
-    model = llama(1024, 8)
+    model = llama(args.d, args.layers)
     prompts = decode_prompts(model.config.vocab_size, rows=args.N)
+    captured_step = args.decoder == "captured"
+    decoder = captured.decoder(model) if captured_step else hf.decoder
+    run = lambda ps, seed: caopd.sample(model, ps, args.V, end_id=model.config.vocab_size, temperature=1.0,
+                                        generator=torch.Generator().manual_seed(seed), decoder=decoder)
+    if captured_step:
+        run(prompts, SEED)
+        prompts = [[t + 1 for t in p] for p in prompts]
+        try:  # what the first call freed, back to the system: the baseline is what stays allocated
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
     before = rss_bytes()
     with open("/proc/self/clear_refs", "w") as f:  # the peak from here: a child starts with its parent's
         f.write("5")
-    caopd.sample(model, prompts, args.V, end_id=model.config.vocab_size, temperature=1.0,
-                 generator=torch.Generator().manual_seed(SEED), decoder=hf.decoder)
+    run(prompts, SEED + 1)
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    bound = args.N * memory.sampling_bytes(model, max(map(len, prompts)), args.V, torch.float32)
-    print(json.dumps({"rows": args.N, "new": args.V, "measured_mib": (peak - before) / 2**20,
-                      "bound_mib": bound / 2**20}))
+    prompt = max(map(len, prompts))
+    bound = args.N * memory.sampling_bytes(model, prompt, args.V, torch.float32, captured_step)
+    print(json.dumps({"rows": args.N, "new": args.V, "width": args.d, "layers": args.layers,
+                      "decoder": args.decoder,
+                      "measured_mib": (peak - before) / 2**20, "bound_mib": bound / 2**20}))
 
 def markdown_decode(results):
     lines = ["| model (width x layers) | before | eager | captured | generate | captured / generate | compile |",
@@ -852,23 +1182,32 @@ GPUS = {24: "RTX 4090", 80: "A100, H100", 139: "H200"}  # memory as the device r
 def fits_table(real):
     """What fits on one GPU at the paper's settings, from bench_real's measured constants.
     Memory = 18 bytes x parameters (float32 weights, gradients and AdamW's two moments, and a frozen
-    bfloat16 teacher: exact arithmetic) + activations of one micro-batch (measured: Qwen3-0.6B's
-    extra memory per sequence token under bfloat16 autocast, from 8 and 16 sequences at once on the
-    CPU, scaled to other sizes by hidden size x layers) + the rollouts' bfloat16 KV cache (exact
-    arithmetic: layers x 2 x 8 KV heads x 128 x 2 bytes per token of rollout_batch rows) + the fused loss's float32
-    gradient of the output layer (V x d x 4 bytes) and its buffers (~100 MB)."""
+    bfloat16 teacher: exact arithmetic) + the larger of what training and sampling hold on top, never
+    at once (a sampling call frees all it allocated when it returns, before the backward pass):
+    training, the activations of one micro-batch (measured: Qwen3-0.6B's extra memory per sequence
+    token under bfloat16 autocast, from 8 and 16 sequences at once on the CPU, scaled to other sizes by
+    hidden size x layers), the fused loss's float32 gradient of the output layer (V x d x 4 bytes) and
+    its buffers (~100 MB); sampling, memory.sampling_bytes's arithmetic for rollout_batch rows (the
+    bfloat16 KV cache, layers x 2 x 8 KV heads x 128 x 2 bytes a position, of the captured step's
+    longer cache; the step's working set and sample's logits) and a bfloat16 copy of the weights."""
     rows = {(r["grad_checkpoint"], r["sequences"]): r for r in real["rows"]
             if r["dtype"] == "bfloat16" and r["micro_batch"] == 0}
     tokens_per_seq = real["tokens_per_sequence"]  # the measurement's student prompt + new tokens
     per_token = {ck: (rows[(ck, 16)]["peak_mib"] - rows[(ck, 8)]["peak_mib"]) * 2**20 / (8 * tokens_per_seq)
                  for ck in (False, True)}  # bytes per token of a micro-batch, at 0.6B
-    sizes = {"0.6B": (0.596e9, 1024, 28), "1.7B": (1.72e9, 2048, 28), "4B": (4.02e9, 2560, 36), "8B": (8.19e9, 4096, 36)}
-    seq, rows_out = 300 + 1024, []  # a ~300-token prompt and 1,024 new tokens
-    for name, (P, d, layers) in sizes.items():
+    sizes = {"0.6B": (0.596e9, 1024, 28, 16, 3072), "1.7B": (1.72e9, 2048, 28, 16, 6144),
+             "4B": (4.02e9, 2560, 36, 32, 9728), "8B": (8.19e9, 4096, 36, 32, 12288)}  # and heads, MLP
+    prompt, new, V, rows_out = 300, 1024, 151936, []  # a ~300-token prompt and 1,024 new tokens
+    length = captured.cache_length(prompt, new)
+    for name, (P, d, layers, heads, mlp) in sizes.items():
         scale = d * layers / (1024 * 28)
+        kv = layers * 2 * 8 * 128 * 2  # bytes a position
+        per_row = (kv * length + prompt * (kv + (4 * d + 3 * mlp) * 2 + 4 * 8 * prompt)  # sampling_bytes
+                   + 4 * heads * length + (4 * d + 3 * mlp + heads * 128) * 2 + 6 * V + 16 * V)
         for mb, ck, rb in ((64, False, 64), (16, False, 64), (16, True, 64), (4, True, 16)):
-            gib = (18 * P + per_token[ck] * scale * mb * seq + layers * 2 * 8 * 128 * 2 * rb * seq
-                   + 151936 * d * 4 + 100e6) / 2**30
+            training = per_token[ck] * scale * mb * (prompt + new) + V * d * 4 + 100e6
+            sampling = 2 * P + rb * per_row
+            gib = (18 * P + max(training, sampling)) / 2**30
             rows_out.append({"model": name, "micro_batch": mb, "grad_checkpoint": ck, "rollout_batch": rb, "gib": gib,
                              **{f"fits_{g}": gib < g * 0.93 for g in GPUS}})  # ~7% for CUDA's own
     return {"bytes_per_token_0.6B": per_token, "rows": rows_out}
@@ -1096,7 +1435,7 @@ def main_real_models(args):
         print(markdown_real(report["real"], report["fits"]))
     if args.gpu:
         print("the paper's settings at Qwen3-0.6B's shapes on the GPU:", flush=True)
-        report["gpu"] = bench_gpu(args.tiny)
+        report["gpu"] = bench_gpu(args.tiny, out=args.out)
     if args.first_run:
         print(f"python train_small.py from an empty out_dir, {args.reps} times each way, alternated:", flush=True)
         report["first_run"] = bench_first_run(args.reps)
@@ -1134,6 +1473,13 @@ def markdown_real(real, fits):
     return "\n".join(L)
 
 def main(args):
+    if args.copies:
+        print("the decode step's copies and casts per token, eager and captured (Qwen3-0.6B's shapes, 1 and "
+              "2 layers, 64 rows, a cache for 320 + 1,024 tokens, bfloat16 autocast; 1 thread)", flush=True)
+        results = bench_copies(args.before)
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine_info(), "copies": results}, f, indent=1)
+        return print(f"wrote {args.out}")
     if args.decode:
         print("decode step: 64 rows x 64 new tokens, greedy, 1 thread", flush=True)
         results = bench_decode(args.before, args.reps)
@@ -1181,24 +1527,31 @@ if __name__ == "__main__":
     p.add_argument("--real", action="store_true", help="Qwen3-0.6B's shapes through train_small.py on the CPU: "
                    "seconds and peak memory per step, float32 / bfloat16, micro-batches, checkpointing; the table "
                    "of what fits on a GPU: ~25 minutes and 20 GB of RAM")
-    p.add_argument("--gpu", action="store_true", help="on a CUDA GPU: rollout tokens/s, step time and peak memory "
-                   "at Qwen3-0.6B's shapes with the paper's settings, fused against unfused loss, micro-batches")
+    p.add_argument("--gpu", action="store_true", help="the one device check (docs/gpu.md), within 8 "
+                   "minutes on a GPU: rollouts and a 300-row evaluation eager and captured, memory against "
+                   "the bound, a step's time split, the fused loss; each figure printed and written to --out")
     p.add_argument("--fsdp", action="store_true", help="2 processes (gloo): peak memory per process of a Llama of "
                    "width 1024 x 8 layers under FSDP2 against DDP, and after loading: ~3 minutes")
     p.add_argument("--first_run", action="store_true", help="the default train_small.py run one method after the "
                    "other against side by side, --reps times each, alternated: ~10 minutes a pair on 2 cores")
     p.add_argument("--decode", action="store_true", help="the decode step: operations and host reads per token, "
                    "tokens/s of caopd.sample eager and captured against generate, compile time: ~10 minutes")
-    p.add_argument("--before", help="with --decode: a folder holding another caopd.py to measure beside this one")
+    p.add_argument("--copies", action="store_true", help="the decode step's copies and casts per token, "
+                   "eager and captured, with their bytes (--before: another checkout's too): ~9 minutes")
+    p.add_argument("--before", help="with --decode: a folder holding another caopd.py to measure beside this "
+                   "one; with --copies: another checkout (git worktree add) measured the same way")
     p.add_argument("--tiny", action="store_true", help="with --gpu: a tiny model on any device (checks the script)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for --real")
     p.add_argument("--out", default=os.path.join(HERE, "bench.json"))
     # internal: the subprocess workers
-    p.add_argument("--worker", choices=["fused", "unfused", "ref", "load", "sample_memory"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["fused", "unfused", "ref", "load", "sample_memory", "copies"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--N", type=int, help=argparse.SUPPRESS)
     p.add_argument("--d", type=int, help=argparse.SUPPRESS)
     p.add_argument("--V", type=int, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--decoder", choices=["eager", "captured"], default="eager", help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     p.add_argument("--compare", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -1208,6 +1561,8 @@ if __name__ == "__main__":
         load_worker(args.save, args.compare)
     elif args.worker == "sample_memory":
         sampling_memory_worker(args)
+    elif args.worker == "copies":
+        copies_worker(args)
     elif args.worker:
         loss_worker(args)
     else:

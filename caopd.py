@@ -26,6 +26,7 @@ functions Distiller is given: how to decode a token (sample()'s `decoder`) and h
 over prompt + completion (`hidden`). Ours are here for the toy GPT; hf.py has a Hugging Face
 model's, captured.py a compiled decoder for GPUs, and parallel.py wraps Distiller for several GPUs.
 """
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -580,7 +581,7 @@ class _FusedLinearKL(torch.autograd.Function):
                 grad_h[r] = (g.to(ws_mm.dtype) @ ws_mm).to(hs.dtype)  # (n, d_s) = (n, V) @ (V, d_s)
             if need_w and mm is None:
                 grad_w.addmm_(g.T, h_s.to(acc))  # (V, d_s) += (V, n) @ (n, d_s), in place
-            elif need_w and _ADDMM_F32.get(ws.device.type):  # bfloat16 products summed into float32 in place
+            elif need_w and _dtype_out("addmm", ws.device.type):  # bfloat16 products, float32 sum, in place
                 torch.addmm(grad_w, g.T.to(mm), h_s, out_dtype=acc, out=grad_w)
             elif need_w:  # the product in bfloat16, a (V, d_s) temporary, the sum in float32
                 grad_w += g.T.to(mm) @ h_s
@@ -603,9 +604,13 @@ def _log_softmax_(z, scratch):
     z -= torch.exp(z, out=scratch).sum(-1, keepdim=True).log_()
 
 def _logits_into(buf, h, weight):
-    """buf (n, V) <- h @ weight.T, computed in the inputs' dtype (bf16 on GPU), kept in buf's."""
+    """buf (n, V) <- h @ weight.T, computed in the inputs' dtype (bfloat16 under autocast), written in buf's
+    (float32): straight from the product where the device can (_dtype_out), else rounded to the inputs'
+    dtype in an (n, V) temporary first."""
     if h.dtype == buf.dtype:
         torch.mm(h, weight.T, out=buf)
+    elif _dtype_out("mm", h.device.type):
+        torch.mm(h, weight.T, out_dtype=buf.dtype, out=buf)
     else:
         buf.copy_(h @ weight.T)
 
@@ -614,15 +619,22 @@ def loss_chunk(n, vocab, device):
     buffer, where larger chunks gain nothing on a CPU (a GPU's: memory.loss_chunk)."""
     return max(1, min(n, (1 << 23) // vocab))
 
-def _has_kernel(op, device_type):
-    """Whether torch has a kernel of `op` for this device type; False for an op this torch lacks."""
+@functools.cache
+def _dtype_out(op, device_type):
+    """Whether torch.mm / torch.addmm ("mm", "addmm") write a float32 `out` from bfloat16 operands on this
+    device type, tried once on a tiny product (at first use, not at import). Torch before 2.8 has no
+    such overload (a TypeError), the CPU has no kernel for it, and torch 2.8-2.9's CUDA kernel refuses a
+    float32 out from bfloat16 operands: each is a RuntimeError, and the plain product is used."""
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+    out = torch.zeros(2, 2, device=device_type)
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, device_type.upper())
-    except RuntimeError:  # "operator ... does not exist": an older torch
+        if op == "mm":
+            torch.mm(a, a, out_dtype=torch.float32, out=out)
+        else:
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+    except (RuntimeError, TypeError):
         return False
-
-# addmm writing float32 from bfloat16 operands, in place: CUDA has the kernel, the CPU does not
-_ADDMM_F32 = {t: _has_kernel("aten::addmm.dtype_out", t) for t in ("cpu", "cuda")}
+    return bool((out == 2).all())
 
 # -----------------------------------------------------------------------------
 # Metrics: one answer per question, its verdict and its stated confidence

@@ -5,6 +5,7 @@ our GPT, over a transformers model and its own KV cache:
 
     prefill()            each distinct prompt once, left-padded, into the model's cache
     decoder()            rollouts: the prompts' cache copied into a static cache, one token a step
+    grouped_attention()  the captured step's attention (captured.py)
     completion_hidden()  the loss: the completions on top of the prompts' cache
 
 A reader of the method can skip this file; models.seams() picks it for a Hugging Face model.
@@ -45,57 +46,96 @@ def prefill(model, prompts):
 
 def cache_length(prompt, new):
     """The static cache's length for prompts of up to `prompt` tokens and `new` new ones: rounded up
-    to 64, so calls of nearby prompt lengths share one compiled step (captured.py)."""
+    to 64 (captured.cache_length rounds coarser, for fewer compiled steps)."""
     return -(-(prompt + new) // 64) * 64
 
-def decode_step(model, cache, mask, nxt, pos):
+def decode_step(model, cache, mask, nxt, pos, head=None):
     """One token per row through the model over its static cache -> logits (B, V), float32. The
     logits are F.linear(h, W), as the model's own head computes them: under autocast the bfloat16
     copy of a trainable weight is then made once and cached, where one of W.T (a view) would be
-    made at every step."""
+    made at every step. head: W where it is not the model's own (captured.py's bfloat16 copy)."""
     out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
                            use_cache=True, **{cache_name(model): cache})
-    return F.linear(out.last_hidden_state[:, -1], caopd.output_weight(model)).float()
+    head = caopd.output_weight(model) if head is None else head
+    return F.linear(out.last_hidden_state[:, -1], head).float()
 
-def decoder(model, prompts, max_new_tokens, step=decode_step, keep=None):
-    """caopd.gpt_decoder's contract for a Hugging Face causal LM: the prompts through prefill(),
-    copied into a static cache (transformers.StaticCache: allocated once for the whole call, in the
-    compute dtype, cache_length), then one token per row per step. step: the decode step (captured.py
-    gives a compiled one); keep(model, shape, make): the cache to use (captured.py keeps one across
-    calls), default a new one from make()."""
-    from transformers import StaticCache
-    W = caopd.output_weight(model)
-    h0, dynamic, mask, pos = prefill(model, prompts)  # pos (B,): each row's next position
-    (B, T), L = mask.shape, cache_length(mask.shape[1], max_new_tokens)
-    dtype = dynamic.layers[0].values.dtype
-
-    def make():
-        cache = StaticCache(config=model.config, max_cache_len=L)
-        heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
-        cache.early_initialization(B, list(heads), list(dims), dtype, W.device)
-        # keys and values in the compute dtype: under autocast Qwen3's keys leave its (float32) norm
-        # and rotary embedding in float32 beside bfloat16 values, and attention would cast the whole
-        # key cache at every step
-        update = cache.update
-        cache.update = lambda k, v, *args, **kwargs: update(k.to(dtype), v.to(dtype), *args, **kwargs)
-        return cache
-    # positions after this call's are never read: causality hides them (a kept cache's old values)
-    cache = keep(model, (B, L, dtype), make) if keep else make()
+def static_cache(model, prompts, length):
+    """The prompts through prefill(), copied into a static cache (transformers.StaticCache: allocated
+    once for the call, in the compute dtype) of length(prompt, new) positions. Returns the last prompt
+    token's hidden state (B, C), the cache, the attention mask over all its positions (B, L: the
+    positions after the prompt are all visible, causality hides those not yet written) and each
+    row's next position (B,)."""
+    h0, dynamic, mask, pos = prefill(model, prompts)
+    (B, T), dtype = mask.shape, dynamic.layers[0].values.dtype
+    cache = _static_cache_class()(config=model.config, max_cache_len=length)
+    heads, dims = zip(*(d.keys.shape[1::2] for d in dynamic.layers))
+    cache.early_initialization(B, list(heads), list(dims), dtype, mask.device)
     for s, d in zip(cache.layers, dynamic.layers):
         s.keys[:, :, :T], s.values[:, :, :T] = d.keys, d.values
         s.cumulative_length.fill_(T)
-    del dynamic
-    # the positions after the prompt are all visible: causality hides those not yet written
-    mask = torch.cat([mask, mask.new_ones(B, L - T)], 1)
+    return h0, cache, torch.cat([mask, mask.new_ones(B, length - T)], 1), pos
+
+@functools.cache  # one class: the compiled step's guards check the cache's class
+def _static_cache_class():
+    """transformers.StaticCache storing keys and values in its own dtype, the compute dtype: under
+    autocast Qwen3's keys leave its (float32) norm and rotary embedding in float32 beside bfloat16
+    values, and attention would cast the whole key cache at every step. A method, not a function
+    stored on the cache: that would be a reference cycle, and the cache (gigabytes) would outlive its
+    call until Python's cyclic collector ran."""
+    from transformers import StaticCache
+
+    class Cache(StaticCache):
+        def update(self, key_states, value_states, *args, **kwargs):
+            dtype = self.layers[0].keys.dtype
+            return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+    return Cache
+
+def decoder(model, prompts, max_new_tokens):
+    """caopd.gpt_decoder's contract for a Hugging Face causal LM: the prompts' cache in a static
+    cache (static_cache, cache_length), then one token per row per step (decode_step); captured.py
+    runs the same step compiled."""
+    W = caopd.output_weight(model)
+    h0, cache, mask, pos = static_cache(model, prompts, cache_length(max(map(len, prompts)), max_new_tokens))
 
     def decode(nxt):
         nonlocal pos
         if nxt is None:
             return F.linear(h0, W).float()
-        logits = step(model, cache, mask, nxt, pos)
+        logits = decode_step(model, cache, mask, nxt, pos)
         pos = pos + 1
         return logits
     return decode
+
+# The captured step's attention (captured.py registers it as transformers' ATTENTION for its copy of the
+# model). transformers' own sdpa attention reads grouped key/value heads in place for one query token
+# only when not compiled; under torch.compile it copies the keys and values of the whole cache to every
+# query head (repeat_kv) at every token. Here the query heads of each key/value head become that head's
+# query positions, so the keys and values are read where they are, compiled or not.
+ATTENTION = "caopd_sdpa"
+
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' attention-function contract (its sdpa_attention_forward's) -> (output (B, 1, H, D),
+    None); anything but one query token over grouped heads, without extras, is sdpa_attention_forward's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = all(kwargs.get(k) is None for k in ("softcap", "position_bias")) and not kwargs.get("dropout")
+    one_mask = attention_mask is None or attention_mask.shape[1] == 1  # not one per head
+    if query.shape[2] != 1 or groups == 1 or not plain or not one_mask:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    B, H, _, D = query.shape  # (B, H, 1, D) -> (B, H / groups, groups, D): one key/value head, its queries
+    out = F.scaled_dot_product_attention(query.reshape(B, H // groups, groups, D), key, value,
+                                         attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, 1, H, value.shape[-1]), None
+
+def use_grouped_attention(model):
+    """Make model (captured.py's copy: its own config) run grouped_attention where it ran transformers'
+    sdpa attention, with sdpa's mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    AttentionInterface.register(ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if model.config._attn_implementation == "sdpa":
+        model.config._attn_implementation = ATTENTION
 
 def completion_hidden(model, prompts, completions):
     """caopd.completion_hidden for a Hugging Face model: the prompts through prefill(), then the

@@ -8,8 +8,10 @@ import math
 import torch
 
 import caopd
+import captured as captured_step
 import cli
 import hf
+import models
 import tokenizer
 from parallel import WORLD
 
@@ -44,33 +46,45 @@ def loss_chunk(n, vocab, device):
     return max(1, min(n, cuda_free(device) // 8 // (3 * 4 * vocab)))
 
 def model_shape(model):
-    """(layers, key/value heads, head size, hidden size, MLP size, vocabulary) of our GPT or of a
-    Hugging Face model's config."""
+    """(layers, key/value heads, head size, hidden size, MLP size, vocabulary, query heads) of our GPT
+    or of a Hugging Face model's config."""
     if isinstance(model, caopd.GPT):
         c = model.cfg
-        return c.n_layer, c.n_head, c.n_embd // c.n_head, c.n_embd, 4 * c.n_embd, c.vocab_size
+        return c.n_layer, c.n_head, c.n_embd // c.n_head, c.n_embd, 4 * c.n_embd, c.vocab_size, c.n_head
     c = model.config.get_text_config()
     heads = c.num_attention_heads
     head = getattr(c, "head_dim", None) or c.hidden_size // heads
     return (c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head, c.hidden_size,
-            c.intermediate_size, c.vocab_size)
+            c.intermediate_size, c.vocab_size, heads)
 
 def kv_bytes(model, dtype):
     """Bytes of KV cache per row and position: keys and values of every layer, in dtype."""
     layers, kv_heads, head, *_ = model_shape(model)
     return 2 * layers * kv_heads * head * (torch.finfo(dtype).bits // 8)
 
-def sampling_bytes(model, prompt, new, dtype):
+def sampling_bytes(model, prompt, new, dtype, captured=False):
     """An upper bound on the bytes one row of a sampling call (caopd.sample) holds at once, for a
-    prompt of `prompt` tokens and `new` new ones, activations in dtype: its static KV cache, during
-    the prefill the prompt's own cache and activations (the residual stream, the MLP, one layer's
-    attention scores), and at every step the float32 logits, their softmax and CDF."""
-    _, kv_heads, _, hidden, mlp, vocab = model_shape(model)
+    prompt of `prompt` tokens and `new` new ones, activations in dtype: its static KV cache (of
+    hf.cache_length positions, captured.cache_length's for the captured step), during the prefill
+    the prompt's own cache and activations (the residual stream, the MLP, one layer's attention
+    scores), at every step the step's working set (one layer's activations and float32 attention
+    scores over the whole cache, the logits in dtype and in float32: on a GPU the captured step's
+    CUDA graph holds them for the call), and sample's float32 logits, softmax and CDF.
+    decode_weight_bytes: what a call holds whatever its rows."""
+    _, kv_heads, head, hidden, mlp, vocab, heads = model_shape(model)
     size = torch.finfo(dtype).bits // 8
-    length = hf.cache_length(prompt, new)  # as hf.decoder allocates it
+    length = (captured_step.cache_length if captured else hf.cache_length)(prompt, new)  # as allocated
     kv = kv_bytes(model, dtype)
     prefill = prompt * (kv + (4 * hidden + 3 * mlp) * size + 4 * kv_heads * prompt)
-    return kv * length + prefill + 4 * 4 * vocab
+    step = 4 * heads * length + (4 * hidden + 3 * mlp + heads * head) * size + (size + 4) * vocab
+    return kv * length + prefill + step + 4 * 4 * vocab
+
+def decode_weight_bytes(model, dtype):
+    """Bytes a sampling call holds whatever its rows: under bfloat16 autocast over float32 weights, a
+    bfloat16 copy of the weights (autocast's cache of casts eagerly, captured.decode_copy captured;
+    every parameter counted, an upper bound on those of the matrix products)."""
+    weights = [p for p in model.parameters() if p.dtype == torch.float32]
+    return 2 * sum(p.numel() for p in weights) if dtype == torch.bfloat16 else 0
 
 def fit_batches(cfg, model, tok, held):
     """cfg.eval_batch and cfg.rollout_batch in rows that fit in the device's free memory, before
@@ -93,10 +107,10 @@ def fit_batches(cfg, model, tok, held):
         reserved = (12 + teacher) * params // (WORLD if cfg.fsdp else 1)
         if cfg.fsdp:  # sampling gathers the student's layers: its whole float32 weights on every process
             reserved += 4 * params * (WORLD - 1) // WORLD
-        budget = 0.9 * (free - reserved)
-        prompt = max(len(tokenizer.student_tokens(tok, ex, cfg.enable_thinking)) for ex in held)
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        per_row = sampling_bytes(model, prompt, cfg.max_new_tokens, dtype)
+        budget = 0.9 * (free - reserved - decode_weight_bytes(model, dtype))
+        prompt = max(len(tokenizer.student_tokens(tok, ex, cfg.enable_thinking)) for ex in held)
+        per_row = sampling_bytes(model, prompt, cfg.max_new_tokens, dtype, models.captures(cfg))
         fits = int(budget // per_row)
         size = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
         where = (f"{size(per_row)} per row for a prompt of up to {prompt} + {cfg.max_new_tokens} tokens, "

@@ -118,9 +118,10 @@ def export_hf(model, tok, path, dtype, state=None):
 
 def captures(cfg):
     """Whether sampling runs the captured decode step (captured.py): --compile_decode; "auto" where
-    the host would set the pace, a GPU (not under FSDP2, whose hooks a captured step cannot hold)."""
+    the host would set the pace, a GPU (not under FSDP2, whose hooks a captured step cannot hold), for
+    our GPT only: a Hugging Face model's captured step has no measured gain yet (docs/gpu.md)."""
     if cfg.compile_decode == "auto":
-        return "cuda" in cli.resolve_device(cfg.device) and not cfg.fsdp
+        return cfg.init_from == "scratch" and "cuda" in cli.resolve_device(cfg.device) and not cfg.fsdp
     return cfg.compile_decode == "true"
 
 def seams(model, captured_step=False):

@@ -1765,13 +1765,20 @@ def test_bad_real_model_settings(tmp_path, capsys, monkeypatch):
     assert code == 2 and "--grad_checkpoint=True: Qwen3ForCausalLM" in err and "does not support" in err
     assert not (tmp_path / "o").exists()
 
-def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model():
+def test_gpu_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """python bench.py --gpu is for a machine with a GPU; --tiny runs the same code on a small model here."""
-    result = bench.bench_gpu(tiny=True)
-    assert set(result["rollouts"]) == {"eager", "captured"} and len(result["steps"]) == 4
-    assert all(r["tok_s"] > 0 for r in result["rollouts"].values()) and len(result["compile_s"]) == 1
+    result = bench.bench_gpu(tiny=True, out=str(tmp_path / "gpu.json"))
+    assert set(result["rollouts"]) == set(result["eval"]) == {"eager", "captured"}
+    assert len(result["steps"]) == 4
+    assert all(r["tok_s"] > 0 for r in [*result["rollouts"].values(), *result["eval"].values()])
+    assert len(result["compile_s"]) == 1 and result["rollouts"]["captured"]["rows_alike"] == 1.0
     assert all(r["step_s"] > 0 and 0 < r["rollout_share"] < 1 for r in result["steps"])
-    assert result["loss"]["ms"] > 0 and result["loss"]["chunk"] == 64
+    assert result["loss"]["ms"] > 0 and result["loss"]["chunk"] == 64 and not result["skipped"]
+    assert result["gpt_captured"]["same_greedy_tokens"]
+    assert result["loss_precision"]["float32_out"] == "emulated"  # this CPU has no float32-out product
+    assert json.loads((tmp_path / "gpu.json").read_text())["gpu"] == json.loads(json.dumps(result))
+    out = capsys.readouterr().out  # each figure printed as it is measured
+    assert out.count(" decode step: {") == 4 and out.count("  step, ") == 4 and "fused loss's error" in out
 
 # -----------------------------------------------------------------------------
 # several processes: torchrun with gloo on CPU
@@ -2098,10 +2105,11 @@ def test_our_gpts_captured_decode_step_equals_the_eager_one(capsys):
         got = caopd.sample(model, prompts, 12, ENC.eot_token, temperature, generator=torch.Generator().manual_seed(1),
                            decoder=captured_step.decoder(model))
         assert got == want
-    # compiled once for these shapes, not per call; a new cache length compiles again, and says so
+    # compiled once for these shapes, not per call, and said; nearby cache lengths share one compiled step
     assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
+    assert captured_step.cache_length(len(prompts[0]), 12) == captured_step.cache_length(len(prompts[0]), 16)
     caopd.sample(model, prompts, 16, ENC.eot_token, 0.0, decoder=captured_step.decoder(model))
-    assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 1
+    assert capsys.readouterr().out.count("compiled the rollouts' decode step in") == 0
 
 def _cache_of(decode):
     return inspect.getclosurevars(decode).nonlocals["cache"]
@@ -2121,15 +2129,12 @@ def test_hugging_face_static_cache_and_captured_step(tiny_hf, capsys):
     captured = captured_step.decoder(model)
     assert caopd.sample(model, prompts, new, end, temperature=0, decoder=hf.decoder) == generated  # static cache, eager
     assert caopd.sample(model, prompts, new, end, temperature=0, decoder=captured) == generated
-    # the captured step keeps its cache (a CUDA graph reads it in place): other prompts of the same shape
-    # write theirs into it, and what the last call left after them is never read
-    kept = captured_step.KEPT[model][1]
+    # other prompts of the same shape: the same compiled step (each call has its own cache and model copy)
     other = [[p + 20 for p in prompt] for prompt in prompts]
     ids2 = torch.tensor([[0] * (T - len(p)) + p for p in other])
     want = model.generate(ids2, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
                           pad_token_id=0)[:, T:].tolist()
     assert caopd.sample(model, other, new, end, temperature=0, decoder=captured) == want != generated
-    assert captured_step.KEPT[model][1] is kept
     sampled = [caopd.sample(model, prompts, new, end, 1.0, generator=torch.Generator().manual_seed(2), decoder=d)
                for d in (hf.decoder, captured)]
     assert sampled[0] == sampled[1] and sampled[0][1] != sampled[0][2]  # same uniforms; the shared prompt's rows differ
@@ -2411,3 +2416,165 @@ def test_smoke_works_with_a_hugging_face_model_out_of_the_box(tiny_hf, tmp_path)
     assert cfg["max_new_tokens"] > 12
     r = _run(f"--init_from={tiny_hf}", "--smoke=True", "--max_new_tokens=12", f"--out_dir={tmp_path / 'p'}")
     assert r.returncode == 2 and "--max_new_tokens=12: too short for the answer format" in r.stderr
+
+# -----------------------------------------------------------------------------
+# the first GPU run, made safe by reading: the captured step without the per-token copies, memory
+# sized for what runs, and every torch requirements.txt admits
+
+def _counted_step(monkeypatch, graphs):
+    """captured.py's Hugging Face step compiled through bench.graph_counter (its aten graph, counted)."""
+    monkeypatch.setitem(captured_step.COMPILED, hf.decode_step,
+                        torch.compile(hf.decode_step, backend=bench.graph_counter(graphs), fullgraph=True))
+
+@torch.no_grad()
+def test_the_captured_hf_step_reads_grouped_keys_in_place_and_casts_no_weight(tiny_hf, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    assert model.config.num_attention_heads == 2 * model.config.num_key_value_heads  # grouped heads
+    prompts, new, graphs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [11, 12, 13], [14, 15, 16, 17]], 12, []
+    _counted_step(monkeypatch, graphs)
+    eager, captured = hf.decoder(model, prompts, new), captured_step.decoder(model)(model, prompts, new)
+    a, b, worst = eager(None), captured(None), 0.0
+    for _ in range(new - 1):
+        nxt = a.argmax(-1)
+        a, b = eager(nxt), captured(nxt)
+        worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
+    assert worst < 1e-5, worst  # float32 rounding
+    assert "clone" not in graphs[-1]["moves"] and graphs[-1]["input_casts"] == 0  # keys, values read in place
+    assert model.config._attn_implementation == "sdpa"  # the copy's config names grouped_attention
+    # under bfloat16 autocast over float32 weights: the matrices are cast once a call, not in the step
+    with torch.autocast("cpu", torch.bfloat16):
+        greedy = [caopd.sample(model, prompts, new, 1, temperature=0, decoder=d)
+                  for d in (hf.decoder, captured_step.decoder(model))]
+    assert greedy[0] == greedy[1]
+    assert "clone" not in graphs[-1]["moves"] and graphs[-1]["input_casts"] == 0  # activations' casts only
+    twin, head = captured_step.decode_copy(model)  # without autocast: the model's own tensors
+    assert all(p is q for p, q in zip(twin.parameters(), model.parameters()))
+    assert head is caopd.output_weight(model)
+
+def test_a_sampling_calls_cache_and_model_copy_are_freed_when_it_returns(tiny_hf, monkeypatch):
+    """Nothing of a call may outlive it (the backward pass comes next): not through a reference cycle
+    (freed only when Python's collector runs), not even from a call that compiled the step."""
+    import gc
+    import weakref
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    made = []
+    for module, name, index in ((hf, "static_cache", 1), (captured_step, "decode_copy", 0)):
+        def recorded(*args, _f=getattr(module, name), _i=index):
+            out = _f(*args)
+            made.append(weakref.ref(out[_i]))
+            return out
+        monkeypatch.setattr(module, name, recorded)
+    fast = torch.compile(hf.decode_step, backend="eager")  # dynamo's cycles without inductor's time
+    monkeypatch.setitem(captured_step.COMPILED, hf.decode_step, fast)
+    gc.disable()
+    try:
+        captured = captured_step.decoder(model)
+        for decoder in (hf.decoder, captured, captured):  # a captured call that compiles, then one not
+            made.clear()
+            with torch.autocast("cpu", torch.bfloat16):
+                caopd.sample(model, [[5, 6, 7]] * 4, 6, 1, temperature=0, decoder=decoder)
+            assert made and all(r() is None for r in made)
+    finally:
+        gc.enable()
+
+def test_the_captured_steps_cache_lengths_come_in_a_few_buckets():
+    lengths = {n: captured_step.cache_length(n - 1024, 1024) for n in range(1025, 4097)}
+    assert all(n <= L <= 1.25 * n and L % 64 == 0 for n, L in lengths.items())
+    assert sorted(set(lengths.values())) == [1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]  # 4 an octave
+    assert {captured_step.cache_length(p, 12) for p in range(1, 53)} == {64}
+
+def test_the_sampling_bound_covers_a_captured_calls_peak():
+    # one captured call (its first call compiles, the second is measured: bench.sampling_memory_worker)
+    m = bench.run_worker(worker="sample_memory", N=64, V=32, d=256, layers=2, decoder="captured")
+    assert 0 < m["measured_mib"] <= m["bound_mib"], m
+
+def test_decode_weights_and_the_captured_cache_are_in_the_bound(monkeypatch):
+    model = bench.llama(64, 2)
+    params = sum(p.numel() for p in model.parameters())
+    assert memory.decode_weight_bytes(model, torch.bfloat16) == 2 * params  # autocast's or decode_copy's
+    assert memory.decode_weight_bytes(model, torch.float32) == 0
+    eager, captured = (memory.sampling_bytes(model, 320, 1024, torch.bfloat16, c) for c in (False, True))
+    per_position = memory.kv_bytes(model, torch.bfloat16) + 4 * model.config.num_attention_heads  # + scores
+    assert captured - eager == (1536 - 1344) * per_position  # its longer cache
+    # auto: the captured step for our GPT on a GPU only, never (yet) for a Hugging Face model
+    monkeypatch.setattr(cli, "resolve_device", lambda device: device)  # a GPU, as far as captures() asks
+    cfg = lambda **kw: type("C", (), {"compile_decode": "auto", "device": "cuda", "fsdp": False, **kw})
+    assert models.captures(cfg(init_from="scratch")) and not models.captures(cfg(init_from="Qwen/Qwen3-0.6B"))
+    assert models.captures(cfg(init_from="Qwen/Qwen3-0.6B", compile_decode="true"))
+
+def test_a_torch_without_the_dtype_out_product_imports_and_runs_the_loss():
+    """torch before 2.8 has no mm/addmm out_dtype overload: its argument parser refuses out_dtype (a
+    TypeError) and the dispatcher knows no such operator (a RuntimeError)."""
+    code = """
+import torch
+def missing(*args, **kwargs):
+    raise RuntimeError("operator aten::addmm.dtype_out does not exist")
+torch._C._dispatch_has_kernel_for_dispatch_key = missing
+for name in ("mm", "addmm"):
+    def refusing(*args, _f=getattr(torch, name), **kwargs):
+        if "out_dtype" in kwargs:
+            raise TypeError(f"{name}() received an invalid combination of arguments - got (out_dtype=...)")
+        return _f(*args, **kwargs)
+    setattr(torch, name, refusing)
+import caopd
+g = torch.Generator().manual_seed(0)
+hs = torch.randn(40, 16, generator=g, requires_grad=True)
+ws = torch.randn(300, 16, generator=g, requires_grad=True)
+ht, wt = torch.randn(40, 16, generator=g), torch.randn(300, 16, generator=g)
+with torch.autocast("cpu", torch.bfloat16):
+    loss = caopd.fused_linear_kl(hs, ws, ht, wt, chunk_size=16)
+loss.backward()
+ref = caopd.linear_kl_reference(hs.double(), ws.double(), ht.double(), wt.double())
+assert abs(loss.item() - ref.item()) < 0.05 * ref.item(), (loss.item(), ref.item())
+assert not caopd._dtype_out("mm", "cpu") and not caopd._dtype_out("addmm", "cpu")
+print("ok", ws.grad.abs().sum().item() > 0)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "True"], r.stderr[-2000:]
+
+def test_the_loss_writes_float32_logits_where_the_device_can(monkeypatch):
+    """Where the product writes float32 from bfloat16 operands (CUDA from torch 2.10), the logits are not
+    rounded to bfloat16 first; where it refuses (CUDA 2.8-2.9), the rounded path. The CPU has no such
+    kernel, so both are simulated here: the first by the bfloat16 operands multiplied in float32."""
+    mm, addmm = torch.mm, torch.addmm
+    g = torch.Generator().manual_seed(0)
+    hs, ws = torch.randn(64, 32, generator=g) / 32 ** 0.5, torch.randn(500, 32, generator=g) * 2
+    ht = hs + 0.3 * torch.randn(64, 32, generator=g) / 32 ** 0.5
+    wt = ws + 0.3 * torch.randn(500, 32, generator=g)
+    exact = caopd.linear_kl_reference(*(t.bfloat16().double() for t in (hs, ws, ht, wt)))  # bfloat16 operands
+
+    def loss_with(fake_mm, fake_addmm):
+        caopd._dtype_out.cache_clear()
+        monkeypatch.setattr(torch, "mm", fake_mm)
+        monkeypatch.setattr(torch, "addmm", fake_addmm)
+        try:
+            w = ws.clone().requires_grad_()
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = caopd.fused_linear_kl(hs, w, ht, wt, chunk_size=16)
+            loss.backward()
+            return loss.item(), caopd._dtype_out("mm", "cpu"), caopd._dtype_out("addmm", "cpu"), w.grad
+        finally:
+            monkeypatch.setattr(torch, "mm", mm)
+            monkeypatch.setattr(torch, "addmm", addmm)
+            caopd._dtype_out.cache_clear()
+
+    def refuses(f):
+        def call(*args, out_dtype=None, **kwargs):
+            if out_dtype is not None:
+                raise RuntimeError("out_dtype must be the same as the inputs' dtype")
+            return f(*args, **kwargs)
+        return call
+
+    def float32_out(f):
+        def call(*args, out_dtype=None, **kwargs):
+            if out_dtype is not None:
+                args = [a.to(out_dtype) if a.dtype == torch.bfloat16 else a for a in args]
+            return f(*args, **kwargs)
+        return call
+    rounded, *has_rounded, grad_r = loss_with(refuses(mm), refuses(addmm))
+    direct, *has_direct, grad_d = loss_with(float32_out(mm), float32_out(addmm))
+    assert has_rounded == [False, False] and has_direct == [True, True]
+    assert abs(direct - exact.item()) < abs(rounded - exact.item()) and abs(direct - exact.item()) < 1e-5
+    torch.testing.assert_close(grad_d, grad_r, rtol=0.05, atol=1e-4)
