@@ -1085,7 +1085,7 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     # metrics.jsonl keeps every line written before the kill, each whole; stage 0 was not trained here
     ref = [x for x in _metrics(reference_run) if x["stage"] != "base" or x["kind"] == "eval"]
     killed = _metrics(out)
-    assert ("train", "opd", 6) in [(x["kind"], x["stage"], x["step"]) for x in killed] and killed == ref[:len(killed)]
+    assert ("train", "opd", 0) in [(x["kind"], x["stage"], x["step"]) for x in killed] and killed == ref[:len(killed)]
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as left by a kill in the middle of a write
     # a differing setting is refused, naming it; the interrupted command with --init_from=resume resumes
     r = _run(*RUN, "--K=3", "--out_dir=out", "--init_from=resume", cwd=tmp_path)
@@ -1211,7 +1211,7 @@ def test_held_out_evaluations_during_distillation_change_nothing(reference_run, 
         evals = [(x["step"], x["final"]) for x in _metrics(out) if x["kind"] == "eval" and x["stage"] == m]
         assert evals == [(8, False), (16, False), (24, False), (24, True)]
     steps = [(x["kind"], x["stage"], x["step"]) for x in _metrics(out)]
-    assert steps.index(("eval", "opd", 8)) == steps.index(("train", "opd", 6)) + 1
+    assert steps.index(("eval", "opd", 8)) == steps.index(("train", "opd", 0)) + 1
 
 def test_truncated_or_corrupt_checkpoint_is_named(reference_run, tmp_path):
     data = (reference_run / "ckpt.pt").read_bytes()
@@ -1349,7 +1349,7 @@ def test_wandb_offline_run_holds_the_records_settings_and_plots(reference_run, t
     assert r.returncode == 0, r.stderr[-2000:]
     lines = _metrics(out, timed=True, file_order=True)  # the tracker's rows: the file's lines, in order
     history, config, run = _wandb_history(out)
-    assert len(lines) == 9 and {i: _tracked(x) for i, x in enumerate(lines)} == \
+    assert len(lines) == 7 and {i: _tracked(x) for i, x in enumerate(lines)} == \
         {i: row for i, row in history.items() if i < len(lines)}  # row i is line i, every value equal
     settings = json.loads((out / "results.json").read_text())["config"]
     assert {k: config[k] for k in settings} == settings and settings["wandb_project"] == "test"  # its config
@@ -1396,7 +1396,7 @@ def test_wandb_failing_in_the_middle_warns_once_and_the_run_goes_on(reference_ru
     assert warnings == [f"warning: wandb failed (OSError: [Errno 28] No space left on device); the run goes on "
                         f"without it, {out}/metrics.jsonl has every line"]
     lines = _metrics(out, timed=True, file_order=True)
-    assert len(lines) == 9 and (out / "results.json").exists() and (out / "curves.png").exists()
+    assert len(lines) == 7 and (out / "results.json").exists() and (out / "curves.png").exists()
     history = _wandb_history(out)[0]
     assert history == {i: _tracked(x) for i, x in enumerate(lines[:2])}  # the two rows before it failed
 
