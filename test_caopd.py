@@ -947,6 +947,7 @@ def _metrics(out, timed=False, file_order=False):
     """metrics.jsonl's lines by stage (each stage's in file order): side by side (--workers=2, the
     default on 2 cores) the two methods' processes write their lines as they come."""
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r["kind"] != "run"]  # the run's header, its first line
     if not file_order:
         lines.sort(key=lambda r: ["base", "opd", "caopd"].index(r["stage"]))  # stable: within a stage, file order
     return lines if timed else [{k: v for k, v in r.items() if k not in UNTIMED} for r in lines]
@@ -1002,7 +1003,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert r2.returncode == 0 and "reusing base model" in r2.stdout
     assert set(json.loads((out / "results.json").read_text())["models"]) == {"base", "caopd"}
     # a new run starts a new metrics.jsonl; a reused base is not trained, so it logs only its evaluation
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(out, timed=True, file_order=True)  # (its first line, the run's header, left out)
     assert [(r["kind"], r["stage"], r["step"]) for r in lines] == [l for l in SMOKE_LINES if l[1] != "opd"][6:]
 
 def test_smoke_questions_exercise_p_acc_and_the_correct_solution(tmp_path):

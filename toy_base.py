@@ -95,8 +95,9 @@ def soft_confidence_loss(logq, shown, sigma, shape):
     error = (logq - logq.mean(1, keepdim=True)) - (parabola - parabola.mean(1, keepdim=True))
     return -(parabola.softmax(-1) * logq).sum() + shape * error.pow(2).mean(1).sum()
 
-def train_base(cfg, model, tok, sample_train, ck=None, log=None):
-    """The loop. log(record): the training log (metrics_log.metrics_log), given each printed step."""
+def train_base(cfg, model, tok, sample_train, ck=None, log=None, checkpoints=True):
+    """The loop. log(record): the training log (metrics_log.metrics_log), given each printed step;
+    checkpoints: every ckpt_every steps (not when out_dir/ckpt.pt holds a later stage)."""
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = run_dir.restore(ck, model, None, opt, rng)[0] if ck else 0
@@ -142,7 +143,7 @@ def train_base(cfg, model, tok, sample_train, ck=None, log=None):
                      "train_tokens_per_s": trained / seconds})
             tqdm.write(f"base step {step:4d} | cross-entropy {total:.4f}")
             trained = seconds = 0.0
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.base_steps:
+        if checkpoints and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.base_steps:
             run_dir.save_checkpoint(cfg, tok, "base", step + 1, model, None, opt, rng, 0, 0, quiet=True)
 
 def _settings(cfg):
@@ -160,15 +161,31 @@ def cache_path(cfg, base, cache_dir):
                                      curriculum]).encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"base-{key}.pt")
 
-def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None, log=None):
+def check_cache(cfg, base, path):
+    """Whether the cached base at path is there; one that is not these settings' base (its
+    settings, names, shapes, dtypes) is one line. Read before anything is written."""
+    if not os.path.exists(path):
+        return False
+    cache = run_dir.check_file(path, run_dir.load_checkpoint(path), ("model", "settings"), base, run=False,
+                               then="delete it: the next run trains the base again")
+    if cache["settings"] != _settings(cfg):
+        cli.die(f"{path}: the base of other settings; delete it: the next run trains the base again")
+    return True
+
+def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None, log=None, again=False):
     """Stage 0 into `base`, cached in cache_dir (cache_path): the same settings give the same base,
-    so it is trained once and reused. log: see train_base. Returns the file's path."""
+    so it is trained once and reused. log: see train_base. again: a resumed run whose stage 0 was
+    over when its cache went missing trains it again quietly (no line logged twice, no checkpoint
+    over its later one). Returns the file's path."""
     path = cache_path(cfg, base, cache_dir)
-    if os.path.exists(path):
+    if check_cache(cfg, base, path):
         base.load_state_dict(run_dir.load_checkpoint(path)["model"])
         print(f"reusing base model {path}")
     elif parallel.RANK == 0:
-        train_base(cfg, base, tok, sample_train, ck, log)
+        if again:
+            print(f"training the base again: {path} is missing (the run's stage 0 was over: no line, no "
+                  f"checkpoint)")
+        train_base(cfg, base, tok, sample_train, ck, None if again else log, checkpoints=not again)
         run_dir.write_atomic(path, {"model": base.state_dict(), "settings": _settings(cfg)}, "wb")
     if parallel.WORLD > 1:  # rank 0 trained it; the others read it
         import torch.distributed as dist
