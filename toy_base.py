@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -95,9 +96,8 @@ def soft_confidence_loss(logq, shown, sigma, shape):
     error = (logq - logq.mean(1, keepdim=True)) - (parabola - parabola.mean(1, keepdim=True))
     return -(parabola.softmax(-1) * logq).sum() + shape * error.pow(2).mean(1).sum()
 
-def train_base(cfg, model, tok, sample_train, ck=None, log=None, checkpoints=True):
-    """The loop. log(record): the training log (metrics_log.metrics_log), given each printed step;
-    checkpoints: every ckpt_every steps (not when out_dir/ckpt.pt holds a later stage)."""
+def train_base(cfg, model, tok, sample_train, ck=None, log=None):
+    """The loop. log(record): the training log (metrics_log.metrics_log), given each printed step."""
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = run_dir.restore(ck, model, None, opt, rng)[0] if ck else 0
@@ -143,7 +143,7 @@ def train_base(cfg, model, tok, sample_train, ck=None, log=None, checkpoints=Tru
                      "train_tokens_per_s": trained / seconds})
             tqdm.write(f"base step {step:4d} | cross-entropy {total:.4f}")
             trained = seconds = 0.0
-        if checkpoints and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.base_steps:
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.base_steps:
             run_dir.save_checkpoint(cfg, tok, "base", step + 1, model, None, opt, rng, 0, 0, quiet=True)
 
 def _settings(cfg):
@@ -182,10 +182,10 @@ def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None, log=None, agai
         base.load_state_dict(run_dir.load_checkpoint(path)["model"])
         print(f"reusing base model {path}")
     elif parallel.RANK == 0:
-        if again:
-            print(f"training the base again: {path} is missing (the run's stage 0 was over: no line, no "
-                  f"checkpoint)")
-        train_base(cfg, base, tok, sample_train, ck, None if again else log, checkpoints=not again)
+        if again:  # no line (they are in metrics.jsonl) and no checkpoint (ckpt.pt holds a later stage)
+            print(f"training the base again: {path} is missing (the run's stage 0 was over)")
+            cfg, log = SimpleNamespace(**{**vars(cfg), "ckpt_every": cfg.base_steps}), None
+        train_base(cfg, base, tok, sample_train, ck, log)
         run_dir.write_atomic(path, {"model": base.state_dict(), "settings": _settings(cfg)}, "wb")
     if parallel.WORLD > 1:  # rank 0 trained it; the others read it
         import torch.distributed as dist
