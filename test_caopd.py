@@ -1086,7 +1086,8 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     # metrics.jsonl keeps every line written before the kill, each whole; stage 0 was not trained here
     ref = [x for x in _metrics(reference_run) if x["stage"] != "base" or x["kind"] == "eval"]
     killed = _metrics(out)
-    assert ("train", "opd", 0) in [(x["kind"], x["stage"], x["step"]) for x in killed] and killed == ref[:len(killed)]
+    assert ("train", "opd", 0) in [(x["kind"], x["stage"], x["step"]) for x in killed]
+    assert killed == ref[:len(killed)]
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as left by a kill in the middle of a write
     # a differing setting is refused, naming it; the interrupted command with --init_from=resume resumes
     r = _run(*RUN, "--K=3", "--out_dir=out", "--init_from=resume", cwd=tmp_path)
@@ -2201,8 +2202,8 @@ TINY = ("--smoke=True", "--base_steps=6", "--steps=4", "--n_eval=4", "--workers=
 def _tiny(out, *args, stop=None, pre=None):
     """train_small.py TINY args into out, in a new interpreter; stop: CAOPD_STOP_AT."""
     env = {k: v for k, v in os.environ.items() if k != "CAOPD_STOP_AT"}
-    return subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *TINY, *args, f"--out_dir={out}"],
-                          capture_output=True, text=True, timeout=600, preexec_fn=pre,
+    return subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *TINY, *args,
+                           f"--out_dir={out}"], capture_output=True, text=True, timeout=600, preexec_fn=pre,
                           env={**env, "CAOPD_STOP_AT": stop} if stop else env)
 
 def _tiny_here(capsys, out, *args, stop=None):
@@ -2278,15 +2279,16 @@ def test_survive_2_a_kill_inside_an_export_leaves_a_folder_the_next_run_uses(tin
     checkpoint's), the resume puts it back and ends with a whole export of its run; an hf.old half
     removed is no obstacle."""
     fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
-    run = (f"--init_from={tiny_hf}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}", "--base_steps=0",
-           "--steps=1", "--max_new_tokens=16", "--n_eval=6", "--K=2", "--method=opd")
+    run = (f"--init_from={tiny_hf}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
+           "--base_steps=0", "--steps=1", "--max_new_tokens=16", "--n_eval=6", "--K=2", "--method=opd")
     out = tmp_path / "out"
     assert _tiny(out, *run, stop="export hf moved").returncode == -9
     assert not (out / "hf").exists() and (out / "hf.old" / "model.safetensors").exists()
     code, _, err = _tiny_here(capsys, out, *run, "--init_from=resume")
     assert code == 0, err[-2000:]
     assert sorted(p.name for p in out.glob("hf*")) == ["hf"]
-    assert json.loads((out / "hf" / "run.json").read_text())["run"]["id"] == json.loads((out / "run.json").read_text())["id"]
+    run = json.loads((out / "run.json").read_text())
+    assert json.loads((out / "hf" / "run.json").read_text())["run"] == {k: run[k] for k in ("id", "settings")}
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model, tok = AutoModelForCausalLM.from_pretrained(out / "hf"), AutoTokenizer.from_pretrained(out / "hf")
     (out / "hf.old").mkdir()  # what a kill while removing it leaves: part of it
@@ -2294,7 +2296,8 @@ def test_survive_2_a_kill_inside_an_export_leaves_a_folder_the_next_run_uses(tin
     models.export_hf(model, tok, str(out / "hf"), "float32")
     assert sorted(p.name for p in out.glob("hf*")) == ["hf"] and (out / "hf" / "model.safetensors").exists()
 
-def test_survive_3_metrics_are_the_runs_after_kills_and_resumes(tiny_reference, tiny_killed, tmp_path, capsys):
+def test_survive_3_metrics_are_the_runs_after_kills_and_resumes(tiny_reference, tiny_killed, tmp_path,
+                                                                capsys):
     import shutil
     # a rerun into a finished out_dir, killed before its first OPD checkpoint, resumed: its base was reused,
     # so it has no stage 0 line, and every other line once
@@ -2303,7 +2306,8 @@ def test_survive_3_metrics_are_the_runs_after_kills_and_resumes(tiny_reference, 
     assert _tiny(out, stop="log train opd 0").returncode == -9
     code, _, err = _tiny_here(capsys, out, "--init_from=resume")
     assert code == 0, err[-2000:]
-    assert _metrics(out) == [x for x in _metrics(tiny_reference) if x["stage"] != "base" or x["kind"] == "eval"]
+    assert _metrics(out) == [x for x in _metrics(tiny_reference)
+                             if x["stage"] != "base" or x["kind"] == "eval"]
     assert _without_seconds(out)["models"] == _without_seconds(tiny_reference)["models"]
     # the cached base deleted before a resume in CaOPD: trained again, with no line and no checkpoint (a
     # kill after it leaves CaOPD's), and the run ends as if nothing had happened
@@ -2313,13 +2317,15 @@ def test_survive_3_metrics_are_the_runs_after_kills_and_resumes(tiny_reference, 
     for f in out.glob("base-*.pt"):
         f.unlink()
     r = _tiny(out, "--init_from=resume", stop="evaluate base")
-    assert r.returncode == -9 and "training the base again" in r.stdout and (out / "ckpt.pt").read_bytes() == ck
+    assert r.returncode == -9 and "training the base again" in r.stdout
+    assert (out / "ckpt.pt").read_bytes() == ck
     code, _, err = _tiny_here(capsys, out, "--init_from=resume")
     assert code == 0, err[-2000:]
     _same_run(out, tiny_reference)
 
 @pytest.mark.parametrize("file, bad, words", [
-    ("ckpt.pt", lambda ck: {}, "ckpt.pt: has no 'stage'"), ("ckpt.pt", lambda ck: [1, 2], "ckpt.pt: holds a list, not a dict"),
+    ("ckpt.pt", lambda ck: {}, "ckpt.pt: has no 'stage'"),
+    ("ckpt.pt", lambda ck: [1, 2], "ckpt.pt: holds a list, not a dict"),
     ("ckpt.pt", lambda ck: {k: v for k, v in ck.items() if k != "model"}, "ckpt.pt: has no 'model'"),
     ("ckpt.pt", lambda ck: {**ck, "model": {k: v[..., :64] for k, v in ck["model"].items()}},
      "ckpt.pt: its model's wte.weight is (321, 64), the settings make (321, 128)"),  # an --n_embd=64 run's
@@ -2327,13 +2333,13 @@ def test_survive_3_metrics_are_the_runs_after_kills_and_resumes(tiny_reference, 
      "is torch.float64, not torch.float32"),
     ("ckpt.pt", lambda ck: {**ck, "run": {"id": "0123456789ab", "settings": "x"}},
      "ckpt.pt: written by run 0123456789ab, not by run"),
-    ("base", lambda ck: {"weights": 1}, "has no 'model', 'settings'; delete it: the next run trains the base again"),
+    ("base", lambda ck: {"weights": 1}, "has no 'model', 'settings'; delete it: the next run trains"),
     ("opd.pt", lambda ck: {"model": 1}, "opd.pt: has no 'config'"),
     ("opd.pt", b"half a file", "opd.pt: the checkpoint is truncated"),
     ("metrics.jsonl", b'{"kind": "run", "run": null}\n', "metrics.jsonl is of run None, not of run"),
 ])
-def test_survive_4_every_file_read_is_checked_before_anything_is_written(tiny_killed, tmp_path, capsys, file, bad,
-                                                                       words):
+def test_survive_4_every_file_read_is_checked_before_anything_is_written(tiny_killed, tmp_path, capsys, file,
+                                                                       bad, words):
     import shutil
     out = tmp_path / "out"
     shutil.copytree(tiny_killed, out)
@@ -2345,12 +2351,13 @@ def test_survive_4_every_file_read_is_checked_before_anything_is_written(tiny_ki
     before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "ckpt.pt", "lock")}
     code, _, err = _main(capsys, *TINY, "--init_from=resume", f"--out_dir={out}")
     assert words in _one_error(code, err, 2) and f"{out}/" in err
-    assert {f: (out / f).read_bytes() for f in before} == before  # the lock, metrics.jsonl, ckpt.pt as they were
+    assert {f: (out / f).read_bytes() for f in before} == before  # lock, metrics.jsonl, ckpt.pt as they were
 
-def test_survive_4_a_method_checkpoint_side_by_side_and_a_truncated_model_are_one_line(tiny_hf, tmp_path, capsys):
+def test_survive_4_a_method_checkpoint_side_by_side_and_a_truncated_model_are_one_line(tiny_hf, tmp_path,
+                                                                                      capsys):
     import shutil
     out = tmp_path / "out"
-    code, _, err = _tiny_here(capsys, out, "--workers=2", stop="checkpoint caopd 2")  # CaOPD's process kills itself
+    code, _, err = _tiny_here(capsys, out, "--workers=2", stop="checkpoint caopd 2")  # CaOPD's process dies
     assert _one_error(code, err, 1) and (out / "ckpt-opd.pt").exists()
     data = (out / "ckpt-opd.pt").read_bytes()
     (out / "ckpt-opd.pt").write_bytes(data[:len(data) // 2])
@@ -2363,8 +2370,8 @@ def test_survive_4_a_method_checkpoint_side_by_side_and_a_truncated_model_are_on
     data = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(data[:len(data) // 2])
     fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
-    code, _, err = _main(capsys, f"--init_from={model}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
-                         f"--out_dir={tmp_path / 'o'}")
+    code, _, err = _main(capsys, f"--init_from={model}", "--task=science", f"--data={fixture}",
+                         f"--eval_data={fixture}", f"--out_dir={tmp_path / 'o'}")
     assert "its .safetensors weights are truncated or corrupt" in _one_error(code, err, 2)
     assert not (tmp_path / "o").exists()
 
@@ -2373,8 +2380,8 @@ def test_survive_5_ctrl_c_anywhere_is_one_line_and_resumes(tiny_reference, tmp_p
     evaluation: each one line and exit code 130, and the last resume ends as the uninterrupted run."""
     out = tmp_path / "out"
     for place in ("log train base 2", "evaluate caopd"):
-        code, _, err = _tiny_here(capsys, out, *(["--init_from=resume"] if place != "log train base 2" else []),
-                                  stop=f"{place}!int")
+        resume = ["--init_from=resume"] if place != "log train base 2" else []
+        code, _, err = _tiny_here(capsys, out, *resume, stop=f"{place}!int")
         run = json.loads((out / "run.json").read_text())["id"]
         assert f"interrupted: --init_from=resume continues run {run} from its last checkpoint" in \
             _one_error(code, err, 130)
@@ -2408,10 +2415,11 @@ def test_survive_5_locks_disks_seeds_and_curves_are_one_line(tiny_reference, tmp
     real_open, real_temp = builtins.open, tempfile.TemporaryFile
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(builtins, "open", lambda f, mode="r", *a, **k: refused() if str(f).startswith(str(ro))
-                        and set(mode) & set("wa+") else real_open(f, mode, *a, **k))
-    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, dir=None, **k: refused() if str(dir).startswith(str(ro))
-                        else real_temp(*a, dir=dir, **k))
+    monkeypatch.setattr(builtins, "open", lambda f, mode="r", *a, **k: refused()
+                        if str(f).startswith(str(ro)) and set(mode) & set("wa+")
+                        else real_open(f, mode, *a, **k))
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, dir=None, **k: refused()
+                        if str(dir).startswith(str(ro)) else real_temp(*a, dir=dir, **k))
     code, _, err = _main(capsys, *TINY, f"--out_dir={ro}")
     assert "cannot be created or written: Permission denied" in _one_error(code, err, 2)
     monkeypatch.undo()
@@ -2429,7 +2437,7 @@ def test_survive_5_locks_disks_seeds_and_curves_are_one_line(tiny_reference, tmp
     # curves.py on any line of any file; a PNG named .png
     lines = (tiny_reference / "metrics.jsonl").read_text().splitlines()
     train = json.loads(next(l for l in lines if '"stage": "opd"' in l))
-    for change, words in ((dict(stated_confidence=None), ":3: its stated_confidence is null, not a finite number"),
+    for change, words in ((dict(stated_confidence=None), ":3: its stated_confidence is null, not a finite"),
                           (dict(step="3"), ':3: its step is "3", not a whole number'),
                           (dict(p_acc=float("inf")), ":3: its p_acc is Infinity, not a finite number")):
         path = tmp_path / "m.jsonl"
@@ -2447,14 +2455,15 @@ def test_survive_6_the_interrupted_command_resumes_and_a_setting_that_changes_nu
     import side_by_side
     import train_small
     out = tmp_path / "out"
-    side = side_by_side.how_many(train_small.settings(smoke=True, device="cpu")) == 2  # two cores: side by side
+    side = side_by_side.how_many(train_small.settings(smoke=True, device="cpu")) == 2  # two cores
     code, _, _ = _tiny_here(capsys, out, "--workers=0", stop="checkpoint caopd 2" + ("" if side else "!int"))
     assert code == (1 if side else 130)  # CaOPD's process killed: the run stops; or Ctrl-C
-    for args, words in ((("--threads=2",), "--threads=2 (the run has 1)"), (("--K=3",), "--K=3 (the run has 4)"),
-                        (("--dtype=bfloat16",), "--dtype='bfloat16' (the run has 'auto', resolved to 'float32')")):
+    for args, words in ((("--threads=2",), "--threads=2 (the run has 1)"),
+                        (("--K=3",), "--K=3 (the run has 4)"),
+                        (("--dtype=bfloat16",), "--dtype='bfloat16' (the run has 'auto', resolved to")):
         code, _, err = _main(capsys, *TINY, "--workers=0", *args, "--init_from=resume", f"--out_dir={out}")
         assert words in _one_error(code, err, 2) and "would change its numbers" in err
-    # the interrupted command with its defaults spelled out; a setting that changes no number is taken and said
+    # the interrupted command, its defaults spelled out; a setting that changes no number is taken and said
     spelled = ("--workers=0", "--dtype=auto", "--eval_batch=0", "--rollout_batch=0", "--export_dtype=auto",
                "--device=cpu", "--threads=1", "--ckpt_every=1")
     code, stdout, err = _tiny_here(capsys, out, *spelled, "--init_from=resume")
@@ -2466,8 +2475,8 @@ def test_survive_7_a_tracker_that_fails_to_start_and_no_run_to_resume_leave_noth
     pytest.importorskip("wandb")
     out = tmp_path / "out"  # online without an API key: it stops before any network
     r = subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *TINY, "--wandb_project=test",
-                        f"--out_dir={out}"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-                       env=_wandb_env(tmp_path, mode="online"))
+                        f"--out_dir={out}"], capture_output=True, text=True, timeout=600,
+                       stdin=subprocess.DEVNULL, env=_wandb_env(tmp_path, mode="online"))
     assert "wandb failed to start" in _one_error(r.returncode, r.stderr, 2) and not out.exists()
     code, _, err = _main(capsys, *TINY, "--init_from=resume", f"--out_dir={out}")
     assert "no checkpoint to resume from" in _one_error(code, err, 2) and "without --init_from=resume" in err
