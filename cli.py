@@ -6,6 +6,7 @@ kind of error a user sees: one line that says what and where, exit code 2, nothi
 import io
 import math
 import os
+import signal
 import sys
 import textwrap
 import tokenize
@@ -20,6 +21,22 @@ def die(msg, code=2):
     """A bad setting, path or file: one line on stderr, exit code 2 (1 for a run that failed)."""
     print(f"{os.path.basename(sys.argv[0]) or 'caopd'}: error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+def stop_at(place):
+    """A test's hook, to stop a run at a named place rather than at a moment: CAOPD_STOP_AT=<place>
+    SIGKILLs the process there (as a crash would), <place>!int raises Ctrl-C's KeyboardInterrupt.
+    A place is words ("checkpoint opd 8"); the variable may give its first words ("checkpoint opd")."""
+    want = os.environ.get("CAOPD_STOP_AT")
+    where, _, how = (want or "").partition("!")
+    if want and (place == where or place.startswith(where + " ")):
+        if how == "int":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def cannot_write(path, e):
+    """A file the run could not write (a full disk, a read-only folder): one line, exit code 1."""
+    why = getattr(e, "strerror", None) or first_line(e)
+    die(f"{path} cannot be written ({why}); --init_from=resume goes on from the last checkpoint", code=1)
 
 def first_line(e):
     """An exception's message, cut to one line (an error or a warning is one line)."""

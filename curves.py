@@ -26,6 +26,8 @@ def main(argv):
             paths.append(arg)
     if not paths:
         cli.die("no metrics.jsonl given: python curves.py out/metrics.jsonl [more ...] [--out=curves.png]")
+    if not out.lower().endswith(".png"):  # what it draws is a PNG, whatever the name says
+        cli.die(f"--out={out!r}: the curves are a PNG; name the file .png")
     runs = [(path, metrics_log.read_metrics(path)) for path in paths]  # every file checked before drawing
     try:
         report.training_curves(runs, out)

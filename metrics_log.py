@@ -5,6 +5,7 @@ the same records in an experiment tracker (wandb) when --wandb_project names one
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -39,19 +40,17 @@ def peak_memory_mib(device):
 METRICS_NEED = {"train": ("stage", "step", "stated_confidence", "rollout_accuracy", "p_acc"),
                 "eval": ("stage", "step", "ece"), "base train": ("stage", "step")}
 
-def read_metrics(path, interrupted=False):
-    """The records of a metrics.jsonl. A missing file, or a line that is not a record, is a one-line
-    error naming the file and line. interrupted: the file of a run being resumed, which may be missing
-    (older code wrote none) or end in half a line (killed while writing it): both are left out."""
+def _read(path, interrupted=False):
+    """(the header line's record or None, the other records) of a metrics.jsonl; see read_metrics."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except FileNotFoundError:
         if interrupted:
-            return []
+            return None, []
         cli.die(f"{path}: no such file")
     except (OSError, UnicodeDecodeError) as e:
         cli.die(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})")
-    records = []
+    header, records = None, []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -61,35 +60,63 @@ def read_metrics(path, interrupted=False):
             if interrupted and i == len(lines):
                 break
             cli.die(f"{path}:{i}: not a JSON line ({e.msg})")
+        if i == 1 and isinstance(r, dict) and r.get("kind") == "run":
+            header = r
+            continue
         if not isinstance(r, dict) or r.get("kind") not in ("train", "eval"):
             cli.die(f"{path}:{i}: not a metrics.jsonl record (a JSON object whose kind is 'train' or 'eval')")
         kind = "base train" if r["kind"] == "train" and r.get("stage") == "base" else r["kind"]
         missing = [k for k in METRICS_NEED[kind] if k not in r]
         if missing:
             cli.die(f"{path}:{i}: a {r['kind']} record without {', '.join(missing)}")
+        for k in METRICS_NEED[kind]:  # what the curves draw: a step count, finite numbers
+            v = r[k]
+            ok = isinstance(v, str) if k == "stage" else (type(v) is int and v >= 0) if k == "step" else \
+                type(v) in (int, float) and math.isfinite(v)
+            if not ok:
+                want = {"stage": "a name", "step": "a whole number >= 0"}.get(k, "a finite number")
+                cli.die(f"{path}:{i}: its {k} is {json.dumps(v)}, not {want}")
         records.append(r)
-    return records
+    return header, records
 
-def metrics_log(cfg, tracker, kept=()):
+def read_metrics(path, interrupted=False):
+    """The records of a metrics.jsonl (its first line, the run's header, left out). A missing file,
+    or a line that is not a record, is a one-line error naming the file and line. interrupted: the
+    file of a run being resumed, which may end in half a line (killed while writing it): left out."""
+    return _read(path, interrupted)[1]
+
+def start_tracker(cfg, tracker):
+    """The tracker's run (wandb.init; None without --wandb_project), started before the run takes
+    out_dir: one that fails to start is one line, and leaves out_dir as it was."""
+    if not tracker or RANK != 0:
+        return None
+    made = run_dir.check_writable(cfg.out_dir)  # wandb writes out_dir/wandb/
+    before = os.path.exists(os.path.join(cfg.out_dir, "wandb"))
+    try:
+        return tracker.init(project=cfg.wandb_project, config=vars(cfg), dir=cfg.out_dir)
+    except (tracker.Error, ValueError, OSError) as e:  # its own errors; ValueError: its settings' checks
+        if made:
+            shutil.rmtree(cfg.out_dir, ignore_errors=True)
+        elif not before:
+            shutil.rmtree(os.path.join(cfg.out_dir, "wandb"), ignore_errors=True)
+        cli.die(f"--wandb_project={cfg.wandb_project!r}: wandb failed to start: {cli.first_line(e)}")
+
+def metrics_log(cfg, tracker, run=None, kept=()):
     """Rank 0's training log. Returns (log, finish). log(record) appends the record, with "time"
     (seconds of the run so far) and "peak_memory_mib", to out_dir/metrics.jsonl as one JSON line,
-    flushed (a killed run keeps every line before the kill), and to the tracker's run (started
-    here) as row n of its history, n = the line's number in the file. kept: the records a resumed
-    run keeps, written (atomically) before the new ones; a new run starts an empty file.
+    flushed (a killed run keeps every line before the kill), and to the tracker's `run` (from
+    start_tracker) as row n of its history, n = the record's number in the file. The file's first
+    line is the run's header, {"kind": "run", "run": run_dir.RUN}; then kept, the records a resumed
+    run keeps (written atomically with it); a new run starts with the header alone.
     finish(images) logs {name: png path} to the tracker and ends its run. Other ranks log nothing.
     Side by side (--workers=2), the two methods' processes append their lines to the same file (one
     write a line, in append mode: lines interleave whole), and this process sends them to the
     tracker in file order with its own next line."""
     if RANK != 0:
         return (lambda record: None), (lambda images: None)
-    run = None
-    if tracker:
-        try:
-            run = tracker.init(project=cfg.wandb_project, config=vars(cfg), dir=cfg.out_dir)
-        except (tracker.Error, ValueError, OSError) as e:  # its own errors; ValueError: its settings' checks
-            cli.die(f"--wandb_project={cfg.wandb_project!r}: wandb failed to start: {cli.first_line(e)}")
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    run_dir.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    header = {"kind": "run", "run": run_dir.RUN}
+    run_dir.write_atomic(path, "".join(json.dumps(r) + "\n" for r in [header, *kept]))
     f = open(path, "a", encoding="utf-8")
     start = time.time() - (kept[-1]["time"] if kept else 0.0)  # a resumed run's clock goes on
     state = {"run": run, "n": len(kept), "pid": os.getpid(), "size": os.path.getsize(path)}
@@ -128,11 +155,15 @@ def metrics_log(cfg, tracker, kept=()):
         # JSON has no NaN: a non-finite loss or gradient norm (a skipped update) is null
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         record.update(time=round(time.time() - start, 3), peak_memory_mib=peak_memory_mib(cfg.device))
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+        try:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        except OSError as e:
+            cli.cannot_write(path, e)
         if os.getpid() == state["pid"]:
             send(record)
             state["size"] = f.tell()
+        cli.stop_at(f"log {record['kind']} {record['stage']} {record['step']}")
 
     def finish(images):
         catch_up()
@@ -147,22 +178,30 @@ def kept_on_resume(record, order, resumed):
     of the stages before those (their final evaluations too: they are not logged again) and, of a
     stage that goes on, those of the steps before its step and the evaluations up to it (the one at
     its step came before the checkpoint). So the file goes on without a duplicated or missing line."""
-    if record["stage"] not in order:  # a later run's into this out_dir, stopped before its first checkpoint
+    if record["stage"] not in order:
         return False
     if record["stage"] not in resumed:  # finished before, or not begun
         return order.index(record["stage"]) < min(order.index(s) for s in resumed)
     step = resumed[record["stage"]]
     if record["kind"] == "train":
         return record["step"] < step
-    return not record["final"] and record["step"] <= step
+    return not record.get("final") and record["step"] <= step
 
 def kept_lines(cfg, resumed, order):
     """The lines of out_dir/metrics.jsonl a resumed run keeps (resumed, order: kept_on_resume's);
-    none for a new run (resumed None). Read on rank 0, which writes the log."""
+    none for a new run (resumed None). The file must be this run's (its header: run_dir.RUN); a
+    missing one is said (its lines are lost). Read, and checked, before anything is written."""
     if resumed is None or RANK != 0:
         return []
     path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    return [r for r in read_metrics(path, interrupted=True) if kept_on_resume(r, order, resumed)]
+    header, records = _read(path, interrupted=True)
+    if not os.path.exists(path):
+        print(f"note: {path} is missing: the lines the run logged before its checkpoint are lost")
+    elif header is None or header.get("run") != run_dir.RUN:
+        theirs = header["run"].get("id") if header and isinstance(header.get("run"), dict) else None
+        cli.die(f"{path} is of run {theirs}, not of run {run_dir.RUN['id']} (this out_dir's run.json); "
+                f"move it away to resume without its lines")
+    return [r for r in records if kept_on_resume(r, order, resumed)]
 
 # -----------------------------------------------------------------------------
 # what a distillation step and an evaluation write: a record in the log, then the printed line

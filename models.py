@@ -29,17 +29,33 @@ def load_model(cfg, dtype=torch.float32):
                               n_head=cfg.n_head, n_embd=cfg.n_embd)
         torch.manual_seed(cfg.seed)
         return caopd.GPT(gpt).to(cfg.device), enc, cfg.block_size, "float32"
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()  # keep stderr for errors
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its load report: what is wrong is said below, in one line
     try:
         tok = AutoTokenizer.from_pretrained(cfg.init_from)
         # float32 master weights whatever the files hold (Qwen3's are bfloat16): see cli.autocast()
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=dtype) if RANK == 0 or not cfg.fsdp else None
+        model, info = (None, {}) if RANK != 0 and cfg.fsdp else AutoModelForCausalLM.from_pretrained(
+            cfg.init_from, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
         config = AutoConfig.from_pretrained(cfg.init_from)
+    except SafetensorError as e:
+        cli.die(f"--init_from={cfg.init_from!r}: its .safetensors weights are truncated or corrupt "
+                f"({cli.first_line(e)})")
     except (OSError, ValueError) as e:
         cli.die(f"--init_from={cfg.init_from!r} is neither 'scratch', 'resume' nor a loadable Hugging Face model "
-            f"({str(e).strip().splitlines()[0][:200]})")
+            f"({cli.first_line(e)})")
+    finally:
+        logging.set_verbosity(verbosity)
+    # either would be initialized at random, silently
+    for keys, what in ((info.get("missing_keys"), "lack {} (incomplete files?)"),
+                       (info.get("mismatched_keys"), "give {} another shape than its config")):
+        if keys:
+            keys = sorted(k if isinstance(k, str) else k[0] for k in keys)
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            cli.die(f"--init_from={cfg.init_from!r}: its weights {what.format(', '.join(keys[:3]) + more)}")
     if tok.eos_token_id is None:
         cli.die(f"--init_from={cfg.init_from!r}: the tokenizer has no eos token to end completions with")
     if cfg.fsdp:
@@ -91,30 +107,41 @@ def set_grad_checkpoint(model, on):
     else:
         model.gradient_checkpointing_disable()
 
-def export_hf(model, tok, path, dtype, state=None):
+def export_hf(model, tok, path, dtype, state=None, run=None):
     """save_pretrained (safetensors) of a Hugging Face student and its tokenizer in dtype (the
-    float32 master weights cast on the way out), swapped in whole: `path` always holds a complete
-    model. state: the model's whole state dict where it is not model.state_dict() (FSDP2's shards,
-    gathered)."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    float32 master weights cast on the way out), with run.json (run: the run's identity), swapped
+    in whole: at every instant `path` holds a complete model, or, between the two renames,
+    path.old does (run_dir.clean_leftovers puts it back). state: the model's whole state dict where
+    it is not model.state_dict() (FSDP2's shards, gathered). A write that fails is one line."""
+    from safetensors import SafetensorError
+    tmp, old, name = path + ".tmp", path + ".old", os.path.basename(path)
     state = model.state_dict() if state is None else state
     first = {}  # a tied weight's every name -> its first: one tensor under each (FSDP2 gathers two copies)
     names = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
     cast = {}  # tensor -> its cast copy: tied weights stay one tensor, which save_pretrained writes once
     state = {k: cast.setdefault(id(state[names.get(k, k)]), state[names.get(k, k)].detach().to(getattr(torch, dtype)))
              for k in state}
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    config = json.load(open(os.path.join(tmp, "config.json")))
-    config["dtype"] = dtype  # save_pretrained writes the dtype of the model in memory
-    with open(os.path.join(tmp, "config.json"), "w") as f:  # inside tmp: the folder is swapped in whole
-        f.write(json.dumps(config, indent=2) + "\n")
-    tok.save_pretrained(tmp)
-    shutil.rmtree(old, ignore_errors=True)  # a kill during the last export's clean-up left it
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed export's
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        config = json.load(open(os.path.join(tmp, "config.json")))
+        config["dtype"] = dtype  # save_pretrained writes the dtype of the model in memory
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # inside tmp: the folder is swapped in whole
+            f.write(json.dumps(config, indent=2) + "\n")
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "run.json"), "w") as f:
+            f.write(json.dumps({"run": run}) + "\n")
+        cli.stop_at(f"export {name} written")
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)  # path is whole: an older copy a kill left is not needed
+            os.replace(path, old)
+            cli.stop_at(f"export {name} moved")
+        os.replace(tmp, path)
+        cli.stop_at(f"export {name} swapped")
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cli.cannot_write(path, e)
 
 def captures(cfg):
     """Whether sampling runs the captured decode step (captured.py): --compile_decode; "auto" where

@@ -23,18 +23,19 @@ def how_many(cfg):
 def run(cfg, distilled, methods, plan):
     """distilled(method) for every method at once, each in a process of its own. A new stage 1 first
     clears the methods' old checkpoints and marks ckpt.pt, so that a resume finds them. A process
-    that fails or Ctrl-C stops both: one line, and --init_from=resume continues each from its own."""
+    that fails or Ctrl-C stops both: one line, and --init_from=resume continues each from its own
+    (a process that said why itself, one line on exit codes 1 and 2, is not named again)."""
     if not plan.side_by_side:
         for m in methods:
             if os.path.exists(run_dir.checkpoint_path(cfg, m)):
-                os.remove(run_dir.checkpoint_path(cfg, m))  # another run's
-        run_dir.write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"),
-                             {"stage": "side by side", "step": 0, "config": vars(cfg)}, "wb")
-    try:
-        failed = parallel.side_by_side(distilled, methods)
-    except KeyboardInterrupt:  # every process got it; each keeps its last checkpoint
-        cli.die(f"interrupted: --init_from=resume continues both methods from their checkpoints in {cfg.out_dir}",
-                code=130)
+                os.remove(run_dir.checkpoint_path(cfg, m))  # of an earlier try of this stage
+        marker = {"stage": "side by side", "step": 0, "config": vars(cfg), "run": run_dir.RUN}
+        run_dir.write_atomic(os.path.join(cfg.out_dir, "ckpt.pt"), marker, "wb")
+    failed = parallel.side_by_side(distilled, methods)  # Ctrl-C: KeyboardInterrupt, one line from main
+    if failed and failed[1] == 130:  # Ctrl-C that reached only that process
+        raise KeyboardInterrupt
+    if failed and failed[1] in (1, 2):
+        sys.exit(failed[1])
     if failed:
         m, code = failed
         cli.die(f"the {m} process failed (exit code {code}), so the run stops; --init_from=resume continues both "

@@ -947,6 +947,7 @@ def _metrics(out, timed=False, file_order=False):
     """metrics.jsonl's lines by stage (each stage's in file order): side by side (--workers=2, the
     default on 2 cores) the two methods' processes write their lines as they come."""
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r["kind"] != "run"]  # the run's header, its first line
     if not file_order:
         lines.sort(key=lambda r: ["base", "opd", "caopd"].index(r["stage"]))  # stable: within a stage, file order
     return lines if timed else [{k: v for k, v in r.items() if k not in UNTIMED} for r in lines]
@@ -1008,7 +1009,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert r2.returncode == 0 and "reusing base model" in r2.stdout
     assert set(json.loads((out / "results.json").read_text())["models"]) == {"base", "caopd"}
     # a new run starts a new metrics.jsonl; a reused base is not trained, so it logs only its evaluation
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(out, timed=True, file_order=True)  # (its first line, the run's header, left out)
     assert [(r["kind"], r["stage"], r["step"]) for r in lines] == [l for l in SMOKE_LINES if l[1] != "opd"][6:]
 
 def test_smoke_questions_exercise_p_acc_and_the_correct_solution(tmp_path):
@@ -1091,7 +1092,8 @@ def test_sigkill_in_stage_1_then_resume_gives_the_same_results(reference_run, tm
     # metrics.jsonl keeps every line written before the kill, each whole; stage 0 was not trained here
     ref = [x for x in _metrics(reference_run) if x["stage"] != "base" or x["kind"] == "eval"]
     killed = _metrics(out)
-    assert ("train", "opd", 0) in [(x["kind"], x["stage"], x["step"]) for x in killed] and killed == ref[:len(killed)]
+    assert ("train", "opd", 0) in [(x["kind"], x["stage"], x["step"]) for x in killed]
+    assert killed == ref[:len(killed)]
     (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as left by a kill in the middle of a write
     # a differing setting is refused, naming it; the interrupted command with --init_from=resume resumes
     r = _run(*RUN, "--K=3", "--out_dir=out", "--init_from=resume", cwd=tmp_path)
@@ -1217,7 +1219,7 @@ def test_held_out_evaluations_during_distillation_change_nothing(reference_run, 
         evals = [(x["step"], x["final"]) for x in _metrics(out) if x["kind"] == "eval" and x["stage"] == m]
         assert evals == [(8, False), (16, False), (24, False), (24, True)]
     steps = [(x["kind"], x["stage"], x["step"]) for x in _metrics(out)]
-    assert steps.index(("train", "opd", 0)) < steps.index(("eval", "opd", 8)) < steps.index(("train", "opd", 8))
+    assert steps.index(("eval", "opd", 8)) == steps.index(("train", "opd", 0)) + 1
 
 def test_truncated_or_corrupt_checkpoint_is_named(reference_run, tmp_path):
     data = (reference_run / "ckpt.pt").read_bytes()
@@ -2578,3 +2580,294 @@ def test_the_loss_writes_float32_logits_where_the_device_can(monkeypatch):
     assert has_rounded == [False, False] and has_direct == [True, True]
     assert abs(direct - exact.item()) < abs(rounded - exact.item()) and abs(direct - exact.item()) < 1e-5
     torch.testing.assert_close(grad_d, grad_r, rtol=0.05, atol=1e-4)
+
+# -----------------------------------------------------------------------------
+# issue 28, runs that survive, honestly: a run's identity (out_dir/run.json) is in every file it
+# writes and checked in every file it reads, before anything is written; metrics.jsonl is exactly
+# the run's; one line everywhere. A run is stopped at a named place (CAOPD_STOP_AT, cli.stop_at),
+# not at a moment: SIGKILL there, or with "!int" Ctrl-C's KeyboardInterrupt.
+
+TINY = ("--smoke=True", "--base_steps=6", "--steps=4", "--n_eval=4", "--workers=1", "--log_every=1")
+
+def _tiny(out, *args, stop=None, pre=None):
+    """train_small.py TINY args into out, in a new interpreter; stop: CAOPD_STOP_AT."""
+    env = {k: v for k, v in os.environ.items() if k != "CAOPD_STOP_AT"}
+    return subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *TINY, *args,
+                           f"--out_dir={out}"], capture_output=True, text=True, timeout=600, preexec_fn=pre,
+                          env={**env, "CAOPD_STOP_AT": stop} if stop else env)
+
+def _tiny_here(capsys, out, *args, stop=None):
+    """_tiny in this process (its imports done: seconds faster). stop: Ctrl-C ("!int") only, or a
+    place only a forked method's process reaches (a SIGKILL here would take pytest along).
+    Returns (exit code, stdout, stderr)."""
+    import run_dir
+    import train_small
+    os.environ.pop("CAOPD_STOP_AT", None)
+    os.environ.update({"CAOPD_STOP_AT": stop} if stop else {})
+    try:
+        train_small.main([*TINY, *args, f"--out_dir={out}"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.environ.pop("CAOPD_STOP_AT", None)
+        run_dir.release_out_dir()  # as this process's end would
+    o = capsys.readouterr()
+    return code, o.out, o.err
+
+def _one_error(code, err, want_code):
+    """Exit code want_code and one error line (above it only progress bars), which it returns."""
+    errors = [l for l in err.splitlines() if "error:" in l]
+    assert code == want_code and len(errors) == 1 and "Traceback" not in err, (code, err[-2000:])
+    return errors[0]
+
+def _same_run(out, ref):
+    assert _without_seconds(out)["models"] == _without_seconds(ref)["models"]
+    assert (out / "completions.jsonl").read_bytes() == (ref / "completions.jsonl").read_bytes()
+    assert _metrics(out) == _metrics(ref)  # every logged step once, in order, none of another run
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    r = _tiny(out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(_metrics(out)) == 6 + 1 + 2 * (4 + 1)  # every step logged, and each model's evaluation
+    return out
+
+@pytest.fixture(scope="module")
+def tiny_killed(tmp_path_factory):
+    """A run killed in CaOPD (--workers=1): ckpt.pt at caopd step 2, opd.pt, the cached base."""
+    out = tmp_path_factory.mktemp("killed") / "out"
+    assert _tiny(out, stop="checkpoint caopd 2").returncode == -9
+    return out
+
+def test_survive_1_a_resume_continues_its_own_run_never_another(tiny_reference, tmp_path, capsys):
+    """A finished run (seed 0) in out; a --seed=1 run started there, killed in stage 0 before its
+    first checkpoint, resumes to its own end, seed 1's. The finished run is moved aside, whole."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny_reference, out)
+    r = _tiny(out, "--seed=1", stop="log train base 0")
+    assert r.returncode == -9 and "held another run's files" in r.stdout
+    moved, = out.glob("previous-*")
+    _same_run(moved, tiny_reference)
+    assert not (out / "results.json").exists()
+    code, stdout, err = _tiny_here(capsys, out, "--seed=1", "--init_from=resume")
+    assert code == 0, err[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    assert f"resuming run {run['id']} from its start: it stopped before its first checkpoint" in stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["seed"] == 1 and res["models"] != _without_seconds(tiny_reference)["models"]
+    steps = [(x["kind"], x["stage"], x["step"]) for x in _metrics(out)]
+    assert steps == [(x["kind"], x["stage"], x["step"]) for x in _metrics(tiny_reference)]  # each once
+    header = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert header == {"kind": "run", "run": {"id": run["id"], "settings": run["settings"]}}
+    assert torch.load(out / "caopd.pt", weights_only=True)["run"] == header["run"]
+
+def test_survive_2_a_kill_inside_an_export_leaves_a_folder_the_next_run_uses(tiny_hf, tmp_path, capsys):
+    """Killed between an export's two renames (hf is then hf.old; here the student's export after the
+    checkpoint's), the resume puts it back and ends with a whole export of its run; an hf.old half
+    removed is no obstacle."""
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    run = (f"--init_from={tiny_hf}", "--task=science", f"--data={fixture}", f"--eval_data={fixture}",
+           "--base_steps=0", "--steps=1", "--max_new_tokens=16", "--n_eval=6", "--K=2", "--method=opd")
+    out = tmp_path / "out"
+    assert _tiny(out, *run, stop="export hf moved").returncode == -9
+    assert not (out / "hf").exists() and (out / "hf.old" / "model.safetensors").exists()
+    code, _, err = _tiny_here(capsys, out, *run, "--init_from=resume")
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in out.glob("hf*")) == ["hf"]
+    run = json.loads((out / "run.json").read_text())
+    assert json.loads((out / "hf" / "run.json").read_text())["run"] == {k: run[k] for k in ("id", "settings")}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(out / "hf"), AutoTokenizer.from_pretrained(out / "hf")
+    (out / "hf.old").mkdir()  # what a kill while removing it leaves: part of it
+    (out / "hf.old" / "config.json").write_text("{}")
+    models.export_hf(model, tok, str(out / "hf"), "float32")
+    assert sorted(p.name for p in out.glob("hf*")) == ["hf"] and (out / "hf" / "model.safetensors").exists()
+
+def test_survive_3_metrics_are_the_runs_after_kills_and_resumes(tiny_reference, tiny_killed, tmp_path,
+                                                                capsys):
+    import shutil
+    # a rerun into a finished out_dir, killed before its first OPD checkpoint, resumed: its base was reused,
+    # so it has no stage 0 line, and every other line once
+    out = tmp_path / "out"
+    shutil.copytree(tiny_reference, out)
+    assert _tiny(out, stop="log train opd 0").returncode == -9
+    code, _, err = _tiny_here(capsys, out, "--init_from=resume")
+    assert code == 0, err[-2000:]
+    assert _metrics(out) == [x for x in _metrics(tiny_reference)
+                             if x["stage"] != "base" or x["kind"] == "eval"]
+    assert _without_seconds(out)["models"] == _without_seconds(tiny_reference)["models"]
+    # the cached base deleted before a resume in CaOPD: trained again, with no line and no checkpoint (a
+    # kill after it leaves CaOPD's), and the run ends as if nothing had happened
+    out = tmp_path / "out2"
+    shutil.copytree(tiny_killed, out)
+    ck = (out / "ckpt.pt").read_bytes()
+    for f in out.glob("base-*.pt"):
+        f.unlink()
+    r = _tiny(out, "--init_from=resume", stop="evaluate base")
+    assert r.returncode == -9 and "training the base again" in r.stdout
+    assert (out / "ckpt.pt").read_bytes() == ck
+    code, _, err = _tiny_here(capsys, out, "--init_from=resume")
+    assert code == 0, err[-2000:]
+    _same_run(out, tiny_reference)
+
+@pytest.mark.parametrize("file, bad, words", [
+    ("ckpt.pt", lambda ck: {}, "ckpt.pt: has no 'stage'"),
+    ("ckpt.pt", lambda ck: [1, 2], "ckpt.pt: holds a list, not a dict"),
+    ("ckpt.pt", lambda ck: {k: v for k, v in ck.items() if k != "model"}, "ckpt.pt: has no 'model'"),
+    ("ckpt.pt", lambda ck: {**ck, "model": {k: v[..., :64] for k, v in ck["model"].items()}},
+     "ckpt.pt: its model's wte.weight is (321, 64), the settings make (321, 128)"),  # an --n_embd=64 run's
+    ("ckpt.pt", lambda ck: {**ck, "model": {k: v.double() for k, v in ck["model"].items()}},
+     "is torch.float64, not torch.float32"),
+    ("ckpt.pt", lambda ck: {**ck, "run": {"id": "0123456789ab", "settings": "x"}},
+     "ckpt.pt: written by run 0123456789ab, not by run"),
+    ("base", lambda ck: {"weights": 1}, "has no 'model', 'settings'; delete it: the next run trains"),
+    ("opd.pt", lambda ck: {"model": 1}, "opd.pt: has no 'config'"),
+    ("opd.pt", b"half a file", "opd.pt: the checkpoint is truncated"),
+    ("metrics.jsonl", b'{"kind": "run", "run": null}\n', "metrics.jsonl is of run None, not of run"),
+])
+def test_survive_4_every_file_read_is_checked_before_anything_is_written(tiny_killed, tmp_path, capsys, file,
+                                                                       bad, words):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny_killed, out)
+    path = next(out.glob("base-*.pt")) if file == "base" else out / file
+    if isinstance(bad, bytes):
+        path.write_bytes(bad)
+    else:
+        torch.save(bad(torch.load(out / "ckpt.pt", weights_only=True)), path)
+    before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "ckpt.pt", "lock")}
+    code, _, err = _main(capsys, *TINY, "--init_from=resume", f"--out_dir={out}")
+    assert words in _one_error(code, err, 2) and f"{out}/" in err
+    assert {f: (out / f).read_bytes() for f in before} == before  # lock, metrics.jsonl, ckpt.pt as they were
+
+def test_survive_4_a_method_checkpoint_side_by_side_and_a_truncated_model_are_one_line(tiny_hf, tmp_path,
+                                                                                      capsys):
+    import shutil
+    out = tmp_path / "out"
+    code, _, err = _tiny_here(capsys, out, "--workers=2", stop="checkpoint caopd 2")  # CaOPD's process dies
+    assert _one_error(code, err, 1) and (out / "ckpt-opd.pt").exists()
+    data = (out / "ckpt-opd.pt").read_bytes()
+    (out / "ckpt-opd.pt").write_bytes(data[:len(data) // 2])
+    before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "ckpt.pt", "lock")}
+    code, _, err = _main(capsys, *TINY, "--workers=2", "--init_from=resume", f"--out_dir={out}")
+    assert "ckpt-opd.pt: the checkpoint is truncated or corrupt" in _one_error(code, err, 2)
+    assert {f: (out / f).read_bytes() for f in before} == before
+    model = tmp_path / "model"
+    shutil.copytree(tiny_hf, model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[:len(data) // 2])
+    fixture = os.path.join(HERE, "data", "science", "fixture.jsonl")
+    code, _, err = _main(capsys, f"--init_from={model}", "--task=science", f"--data={fixture}",
+                         f"--eval_data={fixture}", f"--out_dir={tmp_path / 'o'}")
+    assert "its .safetensors weights are truncated or corrupt" in _one_error(code, err, 2)
+    assert not (tmp_path / "o").exists()
+
+def test_survive_5_ctrl_c_anywhere_is_one_line_and_resumes(tiny_reference, tmp_path, capsys):
+    """Ctrl-C in stage 0 (one method after the other, --workers=1), then, resumed, in the final
+    evaluation: each one line and exit code 130, and the last resume ends as the uninterrupted run."""
+    out = tmp_path / "out"
+    for place in ("log train base 2", "evaluate caopd"):
+        resume = ["--init_from=resume"] if place != "log train base 2" else []
+        code, _, err = _tiny_here(capsys, out, *resume, stop=f"{place}!int")
+        run = json.loads((out / "run.json").read_text())["id"]
+        assert f"interrupted: --init_from=resume continues run {run} from its last checkpoint" in \
+            _one_error(code, err, 130)
+        assert not list(out.glob("*.tmp")) and not (out / "results.json").exists()
+    code, _, err = _tiny_here(capsys, out, "--init_from=resume")
+    assert code == 0, err[-2000:]
+    _same_run(out, tiny_reference)
+
+def test_survive_5_locks_disks_seeds_and_curves_are_one_line(tiny_reference, tmp_path, capsys, monkeypatch):
+    import builtins
+    import curves
+    import resource
+    import run_dir
+    import signal
+    import tempfile
+    # a lock that is a folder; one of bytes that are no text (a run that did not empty it: taken over)
+    (tmp_path / "a" / "lock").mkdir(parents=True)
+    code, _, err = _main(capsys, *TINY, f"--out_dir={tmp_path / 'a'}")
+    assert "a/lock is not a file" in _one_error(code, err, 2)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "lock").write_bytes(b"\xff\xfe\x00 42")
+    run_dir.check_not_locked(str(tmp_path / "b"))
+    run_dir.take_out_dir(str(tmp_path / "b"))
+    assert "the run of process \ufffd\ufffd\x00 42 ended without releasing it" in capsys.readouterr().out
+    assert (tmp_path / "b" / "lock").read_text() == f"{os.getpid()}\n"
+    run_dir.release_out_dir()
+    # a read-only out_dir that holds a lock file (root writes anyway: its writes refused here)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "lock").write_text("")
+    real_open, real_temp = builtins.open, tempfile.TemporaryFile
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(builtins, "open", lambda f, mode="r", *a, **k: refused()
+                        if str(f).startswith(str(ro)) and set(mode) & set("wa+")
+                        else real_open(f, mode, *a, **k))
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, dir=None, **k: refused()
+                        if str(dir).startswith(str(ro)) else real_temp(*a, dir=dir, **k))
+    code, _, err = _main(capsys, *TINY, f"--out_dir={ro}")
+    assert "cannot be created or written: Permission denied" in _one_error(code, err, 2)
+    monkeypatch.undo()
+    assert os.listdir(ro) == ["lock"]
+    # seeds out of range
+    code, _, err = _main(capsys, *TINY, "--seed=20000000000000", f"--out_dir={tmp_path / 'c'}")
+    assert "--seed=20000000000000: must be in [0, 2^40)" in _one_error(code, err, 2)
+    # a full disk (here: a file size limit): one line at the first checkpoint, no temporary left
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+    r = _tiny(tmp_path / "full", pre=small_files)
+    assert "full/ckpt.pt cannot be written (File too large)" in _one_error(r.returncode, r.stderr, 1)
+    assert not list((tmp_path / "full").glob("*.tmp"))
+    # curves.py on any line of any file; a PNG named .png
+    lines = (tiny_reference / "metrics.jsonl").read_text().splitlines()
+    train = json.loads(next(l for l in lines if '"stage": "opd"' in l))
+    for change, words in ((dict(stated_confidence=None), ":3: its stated_confidence is null, not a finite"),
+                          (dict(step="3"), ':3: its step is "3", not a whole number'),
+                          (dict(p_acc=float("inf")), ":3: its p_acc is Infinity, not a finite number")):
+        path = tmp_path / "m.jsonl"
+        path.write_text("\n".join([lines[0], lines[1], json.dumps({**train, **change})]) + "\n")
+        with pytest.raises(SystemExit) as e:
+            curves.main([str(path), f"--out={tmp_path / 'c.png'}"])
+        assert e.value.code == 2 and words in _one_error(2, capsys.readouterr().err, 2)
+    with pytest.raises(SystemExit) as e:
+        curves.main([str(tiny_reference / "metrics.jsonl"), f"--out={tmp_path / 'c.pdf'}"])
+    assert "the curves are a PNG; name the file .png" in _one_error(e.value.code, capsys.readouterr().err, 2)
+    assert not list(tmp_path.glob("c.*"))
+
+def test_survive_6_the_interrupted_command_resumes_and_a_setting_that_changes_numbers_is_named(
+        tiny_reference, tmp_path, capsys):
+    import side_by_side
+    import train_small
+    out = tmp_path / "out"
+    side = side_by_side.how_many(train_small.settings(smoke=True, device="cpu")) == 2  # two cores
+    code, _, _ = _tiny_here(capsys, out, "--workers=0", stop="checkpoint caopd 2" + ("" if side else "!int"))
+    assert code == (1 if side else 130)  # CaOPD's process killed: the run stops; or Ctrl-C
+    for args, words in ((("--threads=2",), "--threads=2 (the run has 1)"),
+                        (("--K=3",), "--K=3 (the run has 4)"),
+                        (("--dtype=bfloat16",), "--dtype='bfloat16' (the run has 'auto', resolved to")):
+        code, _, err = _main(capsys, *TINY, "--workers=0", *args, "--init_from=resume", f"--out_dir={out}")
+        assert words in _one_error(code, err, 2) and "would change its numbers" in err
+    # the interrupted command, its defaults spelled out; a setting that changes no number is taken and said
+    spelled = ("--workers=0", "--dtype=auto", "--eval_batch=0", "--rollout_batch=0", "--export_dtype=auto",
+               "--device=cpu", "--threads=1", "--ckpt_every=1")
+    code, stdout, err = _tiny_here(capsys, out, *spelled, "--init_from=resume")
+    assert code == 0, err[-2000:]
+    assert "note: --ckpt_every=1: change no number of run" in stdout and "resuming" in stdout
+    _same_run(out, tiny_reference)
+
+def test_survive_7_a_tracker_that_fails_to_start_and_no_run_to_resume_leave_nothing(tmp_path, capsys):
+    pytest.importorskip("wandb")
+    out = tmp_path / "out"  # online without an API key: it stops before any network
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *TINY, "--wandb_project=test",
+                        f"--out_dir={out}"], capture_output=True, text=True, timeout=600,
+                       stdin=subprocess.DEVNULL, env=_wandb_env(tmp_path, mode="online"))
+    assert "wandb failed to start" in _one_error(r.returncode, r.stderr, 2) and not out.exists()
+    code, _, err = _main(capsys, *TINY, "--init_from=resume", f"--out_dir={out}")
+    assert "no checkpoint to resume from" in _one_error(code, err, 2) and "without --init_from=resume" in err
+    assert not out.exists()

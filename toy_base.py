@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -160,14 +161,30 @@ def cache_path(cfg, base, cache_dir):
                                      curriculum]).encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"base-{key}.pt")
 
-def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None, log=None):
+def check_cache(cfg, base, path):
+    """Whether the cached base at path is there; one that is not these settings' base (its
+    settings, names, shapes, dtypes) is one line. Read before anything is written."""
+    if not os.path.exists(path):
+        return False
+    cache = run_dir.check_file(path, run_dir.load_checkpoint(path), ("model", "settings"), base, run=False,
+                               then="delete it: the next run trains the base again")
+    if cache["settings"] != _settings(cfg):
+        cli.die(f"{path}: the base of other settings; delete it: the next run trains the base again")
+    return True
+
+def cached_base(cfg, base, tok, sample_train, cache_dir, ck=None, log=None, again=False):
     """Stage 0 into `base`, cached in cache_dir (cache_path): the same settings give the same base,
-    so it is trained once and reused. log: see train_base. Returns the file's path."""
+    so it is trained once and reused. log: see train_base. again: a resumed run whose stage 0 was
+    over when its cache went missing trains it again quietly (no line logged twice, no checkpoint
+    over its later one). Returns the file's path."""
     path = cache_path(cfg, base, cache_dir)
-    if os.path.exists(path):
+    if check_cache(cfg, base, path):
         base.load_state_dict(run_dir.load_checkpoint(path)["model"])
         print(f"reusing base model {path}")
     elif parallel.RANK == 0:
+        if again:  # no line (they are in metrics.jsonl) and no checkpoint (ckpt.pt holds a later stage)
+            print(f"training the base again: {path} is missing (the run's stage 0 was over)")
+            cfg, log = SimpleNamespace(**{**vars(cfg), "ckpt_every": cfg.base_steps}), None
         train_base(cfg, base, tok, sample_train, ck, log)
         run_dir.write_atomic(path, {"model": base.state_dict(), "settings": _settings(cfg)}, "wb")
     if parallel.WORLD > 1:  # rank 0 trained it; the others read it

@@ -332,9 +332,18 @@ def evaluate(cfg, net, tok, name, held, verify):
 def main(argv):
     given = cli.parse_overrides(argv, SETTINGS, lambda: cli.print_help(
         SETTINGS, "python train_small.py [--key=value ...]", __doc__.strip().split("\n\n")[0]))
-    # everything is checked before anything is written: settings, out_dir's lock, device, data, model
-    cfg, ck = run_dir.resume_settings(given, SETTINGS) if given.get("init_from") == "resume" else \
-        (settings(**given), None)
+    try:
+        train(given)
+    except KeyboardInterrupt:  # Ctrl-C anywhere (side by side: every process got it): one line
+        cli.die(run_dir.interrupted(), code=130)
+
+def train(given):
+    """The run of the command line's settings `given`: a new one, or the one in out_dir resumed."""
+    # everything is checked before anything is written: settings, out_dir's lock, device, data, model, and
+    # every file the run will read (run_dir.resume_plan)
+    resuming = given.get("init_from") == "resume"
+    cfg, ran = run_dir.resume_settings(given, SETTINGS) if resuming else (settings(**given), None)
+    asked = dict(vars(cfg))  # as given: what follows resolves some of them for this machine
     tracker = metrics_log.import_tracker(cfg.wandb_project)
     run_dir.check_not_locked(cfg.out_dir)
     cfg.device = parallel.init(cli.resolve_device(cfg.device))  # torchrun: each process its GPU
@@ -349,25 +358,32 @@ def main(argv):
         cfg.max_new_tokens = max(cfg.max_new_tokens, questions.answer_tokens(cfg, tok, held)[0])
     questions.check_lengths(cfg, tok, held, context)
     memory.fit_batches(cfg, base, tok, held)  # eval_batch, rollout_batch: rows a call that fit in memory
-    run_dir.take_out_dir(cfg.out_dir)
+    run_dir.identify(cfg, ran)
     methods = ["opd", "caopd"] if cfg.method == "both" else [cfg.method]
-    plan = run_dir.resume_plan(cfg, ck, methods, toy_base.cache_path(cfg, base, cfg.out_dir))
+    cache = toy_base.cache_path(cfg, base, cfg.out_dir)
+    cached = bool(cfg.base_steps) and toy_base.check_cache(cfg, base, cache)
+    plan = run_dir.resume_plan(cfg, resuming, methods, base, cached)
     kept = metrics_log.kept_lines(cfg, plan.resumed, ["base", *methods])  # a resumed run's lines up to its checkpoint
-    log, finish = metrics_log.metrics_log(cfg, tracker, kept)
+    tracker_run = metrics_log.start_tracker(cfg, tracker)
+    run_dir.take_out_dir(cfg.out_dir)
+    run_dir.begin(cfg, None if resuming else asked)  # a new run: another's files aside, then run.json
+    log, finish = metrics_log.metrics_log(cfg, tracker, tracker_run, kept)
     report.describe_run(cfg, base, tok, held, SMOKE)
     t_start, seconds, skipped, results = time.time(), {}, {}, {}
 
     # stage 0, the toy's base, cached: the same settings give the same base, so it is trained once
     t0 = time.time()
     if cfg.base_steps:
-        toy_base.cached_base(cfg, base, tok, sample_train, cfg.out_dir, ck if plan.at == 0 else None, log)
+        toy_base.cached_base(cfg, base, tok, sample_train, cfg.out_dir, plan.checkpoint("base"), log,
+                             plan.base_again)
     seconds["base"], seconds["eval"] = time.time() - t0, 0.0
 
     def evaluated(name):  # each model is scored as soon as it exists (by all processes): one is kept
+        cli.stop_at(f"evaluate {name}")
         t0 = time.time()
         results[name] = evaluate(cfg, net, tok, name, held, verify)
         seconds["eval"] += time.time() - t0
-        if not any(r["kind"] == "eval" and r["stage"] == name and r["final"] for r in kept):  # logged once
+        if not any(r["kind"] == "eval" and r["stage"] == name and r.get("final") for r in kept):  # once
             metrics_log.evaluation(log, name, cfg.base_steps if name == "base" else cfg.steps, results[name][0])
 
     net = distiller(cfg, base)  # the student is the base; one model (and its teacher) in memory
@@ -389,9 +405,10 @@ def main(argv):
         if cfg.workers == 1 and not plan.finished(m):
             distilled(m)
         else:  # trained in a process of its own, or before an interruption: its file
-            skipped[m], seconds[m] = run_dir.load_student(cfg, m, base)
+            skipped[m], seconds[m] = run_dir.load_student(cfg, m, base, plan.students.get(m))
         evaluated(m)
     if RANK == 0:
+        cli.stop_at("report")
         seconds["total"] = time.time() - t_start
         report.write(cfg, results, skipped, seconds, finish)
     parallel.close()
