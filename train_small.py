@@ -101,7 +101,7 @@ device = "auto"            # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "
 dtype = "auto"             # compute: "auto" (bfloat16 autocast on a GPU that has it), "float32", "bfloat16"
 micro_batch = 0            # sequences per forward/backward pass (0 = all of a step's): activation memory
 rollout_batch = 0          # rollouts per sampling call (0 = all of a step's, or fewer if memory holds fewer)
-compile_decode = "auto"    # the rollouts' decode step under torch.compile: "auto" (on a GPU), "true", "false"
+compile_decode = "auto"    # the decode step under torch.compile: "auto" (our GPT on a GPU), "true", "false"
 grad_checkpoint = False    # recompute each block's activations in the backward pass: less memory
 threads = 1                # torch CPU threads; 1 is steady on a shared 2-core machine
 workers = 0                # 2: OPD and CaOPD side by side, 1: one after the other, 0: 2 given the cores
