@@ -128,18 +128,8 @@ def reliability_diagram(results, path, columns=None, selective=False):
         calibration.risk_coverage_panel(axes.flat[len(results)], {name: calibration.verdicts(records) for name,
                                         (_, records) in results.items()}, "selective prediction")
     for ax, (name, (m, records)) in zip(axes.flat, results.items()):
-        conf = torch.tensor([r["confidence"] or 0.0 for r in records], dtype=torch.float64)
-        corr = torch.tensor([float(r["correct"]) for r in records], dtype=torch.float64)
-        bins = caopd.confidence_bin(conf)  # the bins of ECE
-        for b in range(10):
-            sel = bins == b
-            if sel.any():
-                acc = corr[sel].mean().item()
-                ax.bar(b / 10 + 0.05, acc, width=0.09, color="tab:blue", edgecolor="black")
-                ax.text(b / 10 + 0.05, acc + 0.02, str(int(sel.sum())), ha="center", fontsize=7)
-        ax.plot([0, 1], [0, 1], "--", color="gray")
-        ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="stated confidence", ylabel="accuracy",
-               title=f"{name}: acc {m['accuracy']:.2f}, conf {m['mean_confidence']:.2f}, ECE {m['ece']:.3f}")
+        calibration.reliability_panel(ax, *calibration.verdicts(records), f"{name}: acc {m['accuracy']:.2f}, "
+                                      f"conf {m['mean_confidence']:.2f}, ECE {m['ece']:.3f}")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)

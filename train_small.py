@@ -354,7 +354,7 @@ def train(given):
     base, tok, context, files_dtype = models.load_model(cfg)
     cfg.export_dtype = files_dtype if cfg.export_dtype == "auto" else cfg.export_dtype
     held, sample_train, verify = questions.load_task(cfg, tok, files, context)
-    if cfg.smoke and "max_new_tokens" not in given:  # a real tokenizer's answers take more tokens than the toy's
+    if cfg.smoke and "max_new_tokens" not in given:  # a real tokenizer's answers take more tokens
         cfg.max_new_tokens = max(cfg.max_new_tokens, questions.answer_tokens(cfg, tok, held)[0])
     questions.check_lengths(cfg, tok, held, context)
     memory.fit_batches(cfg, base, tok, held)  # eval_batch, rollout_batch: rows a call that fit in memory
@@ -363,7 +363,7 @@ def train(given):
     cache = toy_base.cache_path(cfg, base, cfg.out_dir)
     cached = bool(cfg.base_steps) and toy_base.check_cache(cfg, base, cache)
     plan = run_dir.resume_plan(cfg, resuming, methods, base, cached)
-    kept = metrics_log.kept_lines(cfg, plan.resumed, ["base", *methods])  # a resumed run's lines up to its checkpoint
+    kept = metrics_log.kept_lines(cfg, plan.resumed, ["base", *methods])  # a resumed run's, to its checkpoint
     tracker_run = metrics_log.start_tracker(cfg, tracker)
     run_dir.take_out_dir(cfg.out_dir)
     run_dir.begin(cfg, None if resuming else asked)  # a new run: another's files aside, then run.json
@@ -384,7 +384,8 @@ def train(given):
         results[name] = evaluate(cfg, net, tok, name, held, verify)
         seconds["eval"] += time.time() - t0
         if not any(r["kind"] == "eval" and r["stage"] == name and r.get("final") for r in kept):  # once
-            metrics_log.evaluation(log, name, cfg.base_steps if name == "base" else cfg.steps, results[name][0])
+            step = cfg.base_steps if name == "base" else cfg.steps
+            metrics_log.evaluation(log, name, step, results[name][0])
 
     net = distiller(cfg, base)  # the student is the base; one model (and its teacher) in memory
     evaluated("base")
