@@ -28,9 +28,10 @@ from parallel import RANK
 RUN = None  # this run's identity, {"id", "settings"}: set by identify()
 # settings that change no number: a resume may change them; the fingerprint leaves them out
 NUMBERLESS = ("out_dir", "log_every", "eval_every", "ckpt_every", "max_bad_steps", "wandb_project")
-# a run's files in out_dir; base-*.pt (keyed by their settings), the lock and wandb/ serve every run
-RUN_FILES = ("run.json", "ckpt.pt", "ckpt-opd.pt", "ckpt-caopd.pt", "opd.pt", "caopd.pt", "metrics.jsonl",
-             "results.json", "completions.jsonl", "reliability.png", "curves.png", "hf", "hf-opd", "hf-caopd")
+# a run's files in out_dir, in the order move_aside moves them (run.json last); base-*.pt (keyed by
+# their settings), the lock and wandb/ serve every run
+RUN_FILES = ("ckpt.pt", "ckpt-opd.pt", "ckpt-caopd.pt", "opd.pt", "caopd.pt", "metrics.jsonl", "results.json",
+             "completions.jsonl", "reliability.png", "curves.png", "hf", "hf-opd", "hf-caopd", "run.json")
 
 # -----------------------------------------------------------------------------
 # the lock: one live run per out_dir
@@ -371,9 +372,9 @@ def begin(cfg, asked):
         write_json(os.path.join(cfg.out_dir, "run.json"), {**RUN, "asked": asked, "resolved": vars(cfg)})
     _began = cfg.out_dir
 
-def interrupted():
-    """The line of a run stopped by Ctrl-C."""
-    if _began is None:
+def interrupted(out_dir):
+    """The line of a run into out_dir stopped by Ctrl-C."""
+    if _began is None or os.path.abspath(_began) != os.path.abspath(out_dir):
         return "interrupted before the run began"
     return f"interrupted: --init_from=resume continues run {RUN['id']} from its last checkpoint in {_began}"
 

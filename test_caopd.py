@@ -2664,6 +2664,22 @@ def test_survive_1_a_resume_continues_its_own_run_never_another(tiny_reference, 
     assert header == {"kind": "run", "run": {"id": run["id"], "settings": run["settings"]}}
     assert torch.load(out / "caopd.pt", weights_only=True)["run"] == header["run"]
 
+def test_survive_1_a_move_aside_cut_short_is_finished_by_the_next_run(tiny_reference, tmp_path, capsys):
+    """Stopped after moving a first file aside, run.json (moved last) still names the run: its resume
+    is refused, the new run started again finishes the move, and the moved run is whole."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(tiny_reference, out)
+    code, _, err = _tiny_here(capsys, out, stop="move aside!int")
+    assert "interrupted before the run began" in _one_error(code, err, 130) and (out / "run.json").exists()
+    code, _, err = _main(capsys, *TINY, "--init_from=resume", f"--out_dir={out}")
+    assert "holds part of run" in _one_error(code, err, 2)
+    code, _, err = _tiny_here(capsys, out)
+    assert code == 0, err[-2000:]
+    moved, = out.glob("previous-*")
+    _same_run(moved, tiny_reference)
+    assert _without_seconds(out)["models"] == _without_seconds(tiny_reference)["models"]  # the new run's end
+
 def test_survive_2_a_kill_inside_an_export_leaves_a_folder_the_next_run_uses(tiny_hf, tmp_path, capsys):
     """Killed between an export's two renames (hf is then hf.old; here the student's export after the
     checkpoint's), the resume puts it back and ends with a whole export of its run; an hf.old half

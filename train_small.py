@@ -335,7 +335,7 @@ def main(argv):
     try:
         train(given)
     except KeyboardInterrupt:  # Ctrl-C anywhere (side by side: every process got it): one line
-        cli.die(run_dir.interrupted(), code=130)
+        cli.die(run_dir.interrupted(given.get("out_dir", SETTINGS["out_dir"][0])), code=130)
 
 def train(given):
     """The run of the command line's settings `given`: a new one, or the one in out_dir resumed."""
